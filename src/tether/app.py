@@ -1,0 +1,147 @@
+"""The composition root: settings → logging → backplane → hub → server → lifecycle.
+
+`Tether` is also the Python API: start a hub inside your own asyncio program,
+publish to it, register shutdown handlers, stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from aiohttp import web
+
+from tether import codes
+from tether.backplane.base import Backplane
+from tether.backplane.memory import MemoryBackplane
+from tether.clock import Clock
+from tether.config import Settings
+from tether.errors import ConfigError
+from tether.hub import Hub
+from tether.lifecycle import Handler, Lifecycle
+from tether.logs import get_logger
+from tether.message import Message
+from tether.server import build_app
+
+log = get_logger("main")
+
+
+def make_backplane(settings: Settings) -> Backplane:
+    """The in-memory backplane, or Redis when REDIS_URL is set."""
+    if settings.redis_url:
+        raise ConfigError("REDIS_URL", "is set, but the Redis backplane is not built yet")
+    return MemoryBackplane(settings.history_size)
+
+
+class Tether:
+    """One tether server: `await start()`, `await publish(...)`, `await stop()`."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        backplane: Backplane | None = None,
+        clock: Clock | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.backplane = backplane or make_backplane(self.settings)
+        self.hub = Hub(self.settings, self.backplane, clock)
+        self.lifecycle = Lifecycle()
+        self.app: web.Application = build_app(self.hub, self.settings)
+        self._runner: web.AppRunner | None = None
+        self._sock = sock
+        self.port = 0
+        self.on_shutdown("ws-heartbeat", self._stop_heartbeat, 55)
+        self.on_shutdown("http-server", self._stop_http, 50)
+        self.on_shutdown("backplane", self.backplane.stop, 40)
+
+    # ---- public API
+
+    def on_shutdown(self, name: str, handler: Handler, priority: int = 0) -> None:
+        """Register a shutdown handler (SPEC §5): highest priority runs first."""
+        self.lifecycle.on_shutdown(name, handler, priority)
+
+    async def publish(self, event: dict[str, Any]) -> Message:
+        """Publish like `POST /event`; raises PublishError when the event is refused."""
+        return await self.hub.publish(event)
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        shown = "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
+        if ":" in shown:
+            shown = f"[{shown}]"
+        return f"http://{shown}:{self.port}"
+
+    async def start(self) -> None:
+        """Listen, start the heartbeat, and log `Server ready`."""
+        await self.backplane.start(self.hub.deliver)
+        runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
+                               shutdown_timeout=self.settings.close_timeout_ms / 1000 + 1)
+        await runner.setup()
+        self._runner = runner
+        site: web.BaseSite
+        if self._sock is not None:
+            site = web.SockSite(runner, self._sock)
+        else:
+            site = web.TCPSite(runner, self.settings.host, self.settings.port,
+                               reuse_port=self.settings.workers > 1)
+        await site.start()
+        self.port = _bound_port(runner, self.settings.port)
+        self.hub.start_heartbeat()
+        url = self.url
+        log.info(
+            "Server ready",
+            url=url,
+            health=f"{url}/health",
+            ws=url.replace("http", "ws", 1) + "/ws",
+            backplane=self.backplane.name,
+        )
+
+    async def run(self) -> int:
+        """Serve until SIGINT/SIGTERM, shut down; returns the exit status (0 clean, 1 forced)."""
+        self.lifecycle.install_signals()
+        await self.start()
+        name = await self.lifecycle.wait()
+        return 0 if await self.lifecycle.shutdown(name) else 1
+
+    async def stop(self, reason: str = "stop") -> bool:
+        """Run the shutdown handlers, as a signal would."""
+        return await self.lifecycle.shutdown(reason)
+
+    # ---- shutdown handlers
+
+    def _stop_heartbeat(self) -> None:
+        log.info("Stopping WebSocket heartbeat")
+        self.hub.stop_heartbeat()
+
+    async def _stop_http(self) -> None:
+        self.hub.shutting_down = True  # new upgrades get 503
+        await self.hub.close_all(*codes.SHUTTING_DOWN)
+        self.hub.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def _bound_port(runner: web.AppRunner, asked: int) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    return asked
+
+
+async def serve(settings: Settings) -> int:
+    """Run one server process until a signal; the exit status."""
+    tether = Tether(settings)
+    try:
+        return await tether.run()
+    except OSError as exc:
+        log.error("Cannot listen", host=settings.host, port=settings.port, error=str(exc))
+        return 2
+
+
+def run(settings: Settings) -> int:
+    return asyncio.run(serve(settings))

@@ -1,0 +1,59 @@
+"""The `tether` command: serve, publish, watch, bench (SPEC §9). No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from tether import config, logs
+from tether.errors import ConfigError
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the hub (settings from env, flags win)")
+    for option in config.OPTIONS:
+        p.add_argument(option.flag, dest=option.env, metavar=option.env,
+                       help=f"{option.help} (env {option.env})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tether", description="A real-time WebSocket hub with heartbeat and resume."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+
+    p = sub.add_parser("publish", help="publish one event (POST /event)")
+    p.add_argument("event", help='JSON object, e.g. \'{"type":"note","payload":{"x":1}}\'')
+    p.add_argument("--url", default=os.environ.get("TETHER_URL", "http://localhost:4011"))
+    p.add_argument("--topic")
+    p.add_argument("--priority", choices=["high", "normal", "low"])
+    p.add_argument("--token", default=os.environ.get("PUBLISH_TOKEN"))
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        overrides = {o.env: getattr(args, o.env) for o in config.OPTIONS}
+        try:
+            settings = config.load(os.environ, overrides)
+        except ConfigError as exc:
+            print(f"tether: configuration error: {exc}", file=sys.stderr)
+            return 2
+        logs.setup(settings.log_level)
+        from tether.app import run
+
+        return run(settings)
+    if args.command == "publish":
+        from tether.tools import publish
+
+        return publish(args.url, args.event, args.topic, args.priority, args.token)
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

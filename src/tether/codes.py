@@ -1,0 +1,35 @@
+"""WebSocket close codes tether sends, and their reasons, in one place (RFC 6455 §7.4)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Close(IntEnum):
+    NORMAL = 1000  # §7.4.1: normal closure (also used for "Heartbeat timeout", as in SEED.md)
+    GOING_AWAY = 1001  # §7.4.1: server going down
+    PROTOCOL_ERROR = 1002  # §7.4.1: malformed frame
+    UNSUPPORTED_DATA = 1003  # §7.4.1: binary where only text is accepted
+    ABNORMAL = 1006  # §7.4.1: reserved, never sent: the connection dropped with no close frame
+    INVALID_DATA = 1007  # §7.4.1: invalid UTF-8 in a text message
+    POLICY_VIOLATION = 1008  # §7.4.1: rate limits
+    MESSAGE_TOO_BIG = 1009  # §7.4.1: inbound message over WS_MAX_MESSAGE
+    INTERNAL_ERROR = 1011  # §7.4.1: unexpected condition
+    TRY_AGAIN_LATER = 1013  # IANA registry: slow consumer, resume later
+
+
+REASONS: dict[Close, str] = {
+    Close.NORMAL: "Normal closure",
+    Close.GOING_AWAY: "Server shutting down",
+    Close.PROTOCOL_ERROR: "Protocol error",
+    Close.UNSUPPORTED_DATA: "Unsupported data",
+    Close.INVALID_DATA: "Invalid UTF-8",
+    Close.POLICY_VIOLATION: "Rate limit exceeded",
+    Close.MESSAGE_TOO_BIG: "Message too big",
+    Close.INTERNAL_ERROR: "Internal error",
+    Close.TRY_AGAIN_LATER: "Too slow: buffer limit exceeded",
+}
+
+HEARTBEAT_TIMEOUT = (Close.NORMAL, "Heartbeat timeout")
+SHUTTING_DOWN = (Close.GOING_AWAY, REASONS[Close.GOING_AWAY])
+SLOW_CONSUMER = (Close.TRY_AGAIN_LATER, REASONS[Close.TRY_AGAIN_LATER])

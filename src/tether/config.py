@@ -1,0 +1,261 @@
+"""Settings from environment variables and `tether serve` flags (SPEC §2).
+
+Every variable is parsed and range-checked here. A bad value raises
+`ConfigError` naming the variable; the CLI turns it into one line on stderr and
+exit status 2. There is never a silent fallback to the default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from tether.errors import ConfigError
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Validated configuration of one tether process.
+
+    Durations are kept in milliseconds, as the variables give them; the hub
+    converts them to seconds where it schedules work.
+    """
+
+    port: int = 4011
+    host: str = "127.0.0.1"
+    log_level: str = "info"
+    heartbeat_interval_ms: int = 30_000
+    heartbeat_missed: int = 2
+    close_timeout_ms: int = 5_000
+    backpressure_high: int = 65_536
+    backpressure_low: int = 16_384
+    max_buffer: int = 8_388_608
+    max_message: int = 65_536
+    history_size: int = 1_000
+    redis_url: str | None = None
+    publish_token: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    workers: int = 1
+
+    @property
+    def heartbeat_enabled(self) -> bool:
+        return self.heartbeat_interval_ms > 0
+
+    @property
+    def is_loopback(self) -> bool:
+        return host_is_loopback(self.host)
+
+
+def host_is_loopback(host: str) -> bool:
+    """True when `host` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---- parsers: each takes the raw string, returns the value or raises ValueError
+# with the reason (the variable name is added by `load`).
+
+
+def _int_in(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"must be an integer, got {raw!r}") from None
+        if lo is not None and value < lo:
+            raise ValueError(f"must be >= {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise ValueError(f"must be <= {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _level(raw: str) -> str:
+    value = raw.strip().lower()
+    if value == "warning":
+        value = "warn"
+    if value not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return value
+
+
+def _host(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _optional(raw: str) -> str | None:
+    value = raw.strip()
+    return value or None
+
+
+def _redis_url(raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"must start with redis://, rediss:// or unix://, got {raw!r}")
+    return value
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    items = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    for origin in items:
+        if origin != "*" and "://" not in origin:
+            raise ValueError(f"each origin must look like scheme://host[:port], got {origin!r}")
+    return items
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One configuration variable: its env name, Settings field and parser."""
+
+    env: str
+    field: str
+    parse: Callable[[str], Any]
+    flag: str
+    help: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("PORT", "port", _int_in(0, 65535), "--port", "HTTP + WebSocket port (0 = any free)"),
+    Option("HOST", "host", _host, "--host", "bind address"),
+    Option("LOG_LEVEL", "log_level", _level, "--log-level", "debug, info, warn, error"),
+    Option(
+        "WS_HEARTBEAT_INTERVAL",
+        "heartbeat_interval_ms",
+        _int_in(None, 3_600_000),
+        "--heartbeat-interval",
+        "ms between pings to one client; <= 0 disables the heartbeat",
+    ),
+    Option(
+        "WS_HEARTBEAT_MISSED",
+        "heartbeat_missed",
+        _int_in(1, 100),
+        "--heartbeat-missed",
+        "unanswered pings in a row before a client is stale",
+    ),
+    Option(
+        "WS_CLOSE_TIMEOUT",
+        "close_timeout_ms",
+        _int_in(0, 600_000),
+        "--close-timeout",
+        "ms to wait for a close handshake before aborting",
+    ),
+    Option(
+        "WS_BACKPRESSURE_HIGH",
+        "backpressure_high",
+        _int_in(1),
+        "--backpressure-high",
+        "buffered bytes above which a client is paused",
+    ),
+    Option(
+        "WS_BACKPRESSURE_LOW",
+        "backpressure_low",
+        _int_in(0),
+        "--backpressure-low",
+        "buffered bytes below which a paused client resumes",
+    ),
+    Option(
+        "WS_MAX_BUFFER",
+        "max_buffer",
+        _int_in(1),
+        "--max-buffer",
+        "buffered bytes above which a client is closed as too slow (1013)",
+    ),
+    Option(
+        "WS_MAX_MESSAGE",
+        "max_message",
+        _int_in(16, 64 * 1024 * 1024),
+        "--max-message",
+        "largest inbound message or POST body in bytes",
+    ),
+    Option(
+        "HISTORY_SIZE",
+        "history_size",
+        _int_in(0, 10_000_000),
+        "--history-size",
+        "messages kept per topic for resume",
+    ),
+    Option("REDIS_URL", "redis_url", _redis_url, "--redis-url", "use the Redis backplane"),
+    Option(
+        "PUBLISH_TOKEN",
+        "publish_token",
+        _optional,
+        "--publish-token",
+        "bearer token required by POST /event",
+    ),
+    Option(
+        "ALLOWED_ORIGINS",
+        "allowed_origins",
+        _origins,
+        "--allowed-origins",
+        "comma list of Origins allowed to open a WebSocket",
+    ),
+    Option("TETHER_WORKERS", "workers", _int_in(1, 64), "--workers", "processes on one port"),
+)
+
+
+def load(env: Mapping[str, str], overrides: Mapping[str, str | None] | None = None) -> Settings:
+    """Build Settings from `env`, with `overrides` (keyed by env name) winning.
+
+    Raises ConfigError naming the first variable that does not parse or whose
+    value is out of range, or that conflicts with another.
+    """
+    values: dict[str, Any] = {}
+    merged: dict[str, str] = {o.env: env[o.env] for o in OPTIONS if o.env in env}
+    for name, raw in (overrides or {}).items():
+        if raw is not None:
+            merged[name] = raw
+    for option in OPTIONS:
+        if option.env not in merged:
+            continue
+        try:
+            values[option.field] = option.parse(merged[option.env])
+        except ValueError as exc:
+            raise ConfigError(option.env, str(exc)) from None
+    settings = Settings(**values)
+    _check_relations(settings)
+    return settings
+
+
+def _check_relations(s: Settings) -> None:
+    if s.backpressure_low > s.backpressure_high:
+        raise ConfigError(
+            "WS_BACKPRESSURE_LOW",
+            f"must be <= WS_BACKPRESSURE_HIGH ({s.backpressure_high}), got {s.backpressure_low}",
+        )
+    if s.max_buffer < s.backpressure_high:
+        raise ConfigError(
+            "WS_MAX_BUFFER",
+            f"must be >= WS_BACKPRESSURE_HIGH ({s.backpressure_high}), got {s.max_buffer}",
+        )
+    if not s.is_loopback and not s.publish_token:
+        raise ConfigError(
+            "PUBLISH_TOKEN",
+            f"is required when HOST is not a loopback address (HOST={s.host})",
+        )
+    if s.workers > 1 and not s.redis_url:
+        raise ConfigError("REDIS_URL", f"is required with --workers {s.workers} (> 1)")
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) rows, for the README and `--help`."""
+    defaults = {f.name: f.default for f in fields(Settings)}
+    rows = []
+    for o in OPTIONS:
+        default = defaults[o.field]
+        shown = "" if default in (None, ()) else str(default)
+        rows.append((o.env, shown, o.help))
+    return rows

@@ -1,0 +1,584 @@
+"""The hub: ties the registry, heartbeat, backpressure and backplane to live connections.
+
+The decisions live in the pure modules (`registry`, `heartbeat`, `outbox`,
+`history`); the hub applies them with asyncio timers and the `Peer` each
+connection is adapted to. It imports no web framework: `server.py` feeds it
+frames and gives it a `Peer` per WebSocket.
+
+Writes never await. A broadcast encodes its frame once and writes it to each
+client's transport; a client that cannot keep up is paused, then closed as too
+slow (SPEC §6), so one dead client never stalls the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from tether import codes, frames
+from tether.backplane.base import Backplane
+from tether.clock import Clock, SystemClock, iso, mono_to_iso
+from tether.config import Settings
+from tether.errors import PublishError
+from tether.heartbeat import Beat, Heartbeat, decode_ping_id, encode_ping_id
+from tether.logs import get_logger
+from tether.message import BROADCAST_TOPIC, Message, Priority, check_topic, prepare
+from tether.outbox import Backpressure, Decision
+from tether.registry import Connection, Peer, Registry
+
+log = get_logger("hub")
+ws_log = get_logger("websocket")
+hb_log = get_logger("heartbeat")
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters shown in /health and /metrics."""
+
+    connections_total: int = 0
+    published: int = 0
+    delivered: int = 0
+    skipped: dict[str, int] = field(
+        default_factory=lambda: {p.name.lower(): 0 for p in Priority}
+    )
+    slow_closed: int = 0
+    resumes: int = 0
+    resyncs: int = 0
+    replayed: int = 0
+    client_errors: int = 0
+    loop_lag: float = 0.0  # seconds, last measurement
+    loop_lag_max: float = 0.0
+    loop_stalls: int = 0
+
+
+def parse_since(raw: object) -> dict[str, int]:
+    """`a:12,b:3` or {"a": 12} → {"a": 12, "b": 3}; raises ValueError."""
+    pairs: Iterable[tuple[object, object]]
+    if isinstance(raw, str):
+        split: list[tuple[object, object]] = []
+        for part in filter(None, (p.strip() for p in raw.split(","))):
+            name, sep, number = part.rpartition(":")
+            if not sep:
+                raise ValueError(f"since needs topic:seq, got {part!r}")
+            split.append((name, number))
+        pairs = split
+    elif isinstance(raw, Mapping):
+        pairs = raw.items()
+    else:
+        raise ValueError("since must be 'topic:seq,...' or an object")
+    result: dict[str, int] = {}
+    for key, seq in pairs:
+        try:
+            name = check_topic(key)
+        except PublishError as exc:
+            raise ValueError(exc.message) from None
+        if isinstance(seq, bool):
+            raise ValueError("seq must be an integer")
+        try:
+            value = int(seq) if isinstance(seq, (int, str)) else int(str(seq))
+        except ValueError:
+            raise ValueError(f"seq of {name!r} must be an integer") from None
+        if value < 0:
+            raise ValueError(f"seq of {name!r} must be >= 0")
+        result[name] = value
+    return result
+
+
+def parse_topics(raw: object) -> list[str]:
+    """A list of topic names from a list or a comma string; raises ValueError."""
+    items: list[object]
+    if isinstance(raw, str):
+        items = [t.strip() for t in raw.split(",") if t.strip()]
+    elif isinstance(raw, list):
+        items = raw
+    else:
+        raise ValueError("topics must be a list of strings")
+    if len(items) > 100:
+        raise ValueError("at most 100 topics at once")
+    try:
+        return [check_topic(t) for t in items]
+    except PublishError as exc:
+        raise ValueError(exc.message) from None
+
+
+def _control(obj: dict[str, Any]) -> bytes:
+    return frames.text(orjson.dumps(obj))
+
+
+class Hub:
+    """All the connections of this process, and what happens to them."""
+
+    def __init__(
+        self, settings: Settings, backplane: Backplane, clock: Clock | None = None
+    ) -> None:
+        self.settings = settings
+        self.backplane = backplane
+        self.clock: Clock = clock or SystemClock()
+        self.registry = Registry()
+        self.backpressure = Backpressure(
+            settings.backpressure_high, settings.backpressure_low, settings.max_buffer
+        )
+        self.heartbeat: Heartbeat[Connection] | None = (
+            Heartbeat(settings.heartbeat_interval_ms / 1000, settings.heartbeat_missed)
+            if settings.heartbeat_enabled
+            else None
+        )
+        self.stats = Stats()
+        self.started_at = self.clock.now()
+        self.shutting_down = False
+        self._heartbeat_running = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._tick_pending = False
+        self._min_gap = 0.0
+        if self.heartbeat is not None:
+            # Coalesce ticks: never more often than every ~10 ms (fewer, fuller ticks).
+            self._min_gap = min(0.01, self.heartbeat.interval / 20)
+        self._lag_handle: asyncio.TimerHandle | None = None
+        self._lag_expected = 0.0
+        self._lag_period = 0.25
+        self._closers: set[asyncio.Future[None]] = set()
+
+    # ------------------------------------------------------------------ connections
+
+    def open(
+        self, peer: Peer, remote: str, topics: Iterable[str] = (), session_id: str | None = None
+    ) -> Connection:
+        """Register a new connection and greet it with `connected` (SPEC §9)."""
+        now = self.clock.now()
+        conn = Connection(session_id or str(uuid.uuid4()), self.clock.wall(), remote, peer)
+        conn.topics.update(t for t in topics if t != BROADCAST_TOPIC)
+        self.registry.add(conn)
+        self.stats.connections_total += 1
+        if self.heartbeat is not None:
+            conn.beat = self.heartbeat.add(conn, now)
+            if self._heartbeat_running:
+                self._schedule(conn.beat.due)
+        self._send_control(
+            conn,
+            {
+                "type": "connected",
+                "sessionId": conn.session_id,
+                "timestamp": iso(conn.connected_at),
+            },
+        )
+        self.backplane.watch(set(self.registry.topics()))
+        ws_log.info("WebSocket client connected", sessionId=conn.session_id, remote=remote)
+        return conn
+
+    def detach(self, conn: Connection, code: int | None, reason: str) -> None:
+        """The connection's socket is closed: forget it (idempotent) and log once."""
+        if conn.closing and conn.close_code is not None:
+            code, reason = conn.close_code, conn.close_reason
+        conn.closing = True
+        self._forget(conn)
+        ws_log.info(
+            "WebSocket client disconnected",
+            sessionId=conn.session_id,
+            code=code,
+            reason=reason,
+        )
+
+    def _forget(self, conn: Connection) -> None:
+        if self.registry.remove(conn):
+            self.backplane.watch(set(self.registry.topics()))
+        if conn.beat is not None and self.heartbeat is not None:
+            self.heartbeat.remove(conn.beat)
+
+    # ------------------------------------------------------------------ inbound
+
+    def seen(self, conn: Connection) -> None:
+        """Any frame from the client is proof of life (SPEC §4)."""
+        beat = conn.beat
+        if beat is not None and self.heartbeat is not None:
+            self.heartbeat.seen(beat, self.clock.now())
+
+    def pong(self, conn: Connection, payload: bytes | bytearray) -> float | None:
+        """A pong frame: proof of life, and the RTT when it answers our last ping."""
+        beat = conn.beat
+        if beat is None or self.heartbeat is None:
+            return None
+        rtt = self.heartbeat.pong(beat, decode_ping_id(payload), self.clock.now())
+        if ws_log.debug_enabled:
+            ws_log.debug(
+                "Received pong",
+                sessionId=conn.session_id,
+                rttMs=None if rtt is None else round(rtt * 1000, 3),
+            )
+        return rtt
+
+    async def text(self, conn: Connection, data: str) -> None:
+        """A text message from the client: the client protocol of SPEC §4, §6, §7."""
+        try:
+            msg = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self._client_error(conn, "invalid JSON")
+            return
+        if not isinstance(msg, dict):
+            self._client_error(conn, "a message must be a JSON object")
+            return
+        kind = msg.get("type")
+        try:
+            if kind == "ping":
+                reply: dict[str, Any] = {"type": "pong", "timestamp": iso(self.clock.wall())}
+                if "id" in msg and isinstance(msg["id"], (int, float, str)):
+                    reply["id"] = msg["id"]
+                self._send_control(conn, reply)
+            elif kind == "subscribe":
+                topics = parse_topics(msg.get("topics"))
+                self.registry.subscribe(conn, topics)
+                self.backplane.watch(set(self.registry.topics()))
+                self._send_control(conn, {"type": "subscribed", "topics": sorted(conn.topics)})
+            elif kind == "unsubscribe":
+                topics = parse_topics(msg.get("topics"))
+                self.registry.unsubscribe(conn, topics)
+                self.backplane.watch(set(self.registry.topics()))
+                self._send_control(conn, {"type": "unsubscribed", "topics": topics})
+            elif kind == "resume":
+                await self.resume(conn, parse_since(msg.get("since")))
+            else:
+                self._client_error(conn, f"unknown message type {kind!r}")
+        except ValueError as exc:
+            self._client_error(conn, str(exc))
+
+    def _client_error(self, conn: Connection, error: str) -> None:
+        self.stats.client_errors += 1
+        self._send_control(conn, {"type": "error", "error": error})
+
+    # ------------------------------------------------------------------ resume (SPEC §7)
+
+    async def resume(self, conn: Connection, since: Mapping[str, int]) -> None:
+        """Replay what the client missed on each topic, then let live messages through.
+
+        Live messages of this connection wait in `conn.pending` while history is
+        read (the Redis backplane reads over the network), then go out with
+        duplicates dropped by seq: in order, exactly once.
+        """
+        if not since:
+            return
+        self.registry.subscribe(conn, list(since))
+        self.backplane.watch(set(self.registry.topics()))
+        self.stats.resumes += 1
+        outer = conn.pending is not None
+        if not outer:
+            conn.pending = []
+        try:
+            for topic, seq in since.items():
+                replay = await self.backplane.since(topic, seq)
+                if conn.closing:
+                    return
+                last = conn.last_seq.get(topic, 0)
+                conn.last_seq[topic] = max(last, seq)
+                for message in replay.items:
+                    self._deliver_to(conn, message, replay=True)
+                if replay.resync:
+                    self.stats.resyncs += 1
+                    conn.last_seq[topic] = replay.last
+                    self._send_control(conn, {"type": "resync", "topic": topic, "seq": replay.last})
+        finally:
+            if not outer:
+                pending, conn.pending = conn.pending, None
+                for message in pending or ():
+                    self._deliver_to(conn, message)
+
+    # ------------------------------------------------------------------ publish / fan-out
+
+    async def publish(self, event: Any) -> Message:
+        """Validate, serialize once, and publish through the backplane (SPEC §6)."""
+        prepared = prepare(event)
+        if len(prepared.body) > self.settings.max_message:
+            limit = self.settings.max_message
+            raise PublishError(413, f"event is larger than WS_MAX_MESSAGE ({limit} bytes)")
+        message = await self.backplane.publish(prepared)
+        self.stats.published += 1
+        return message
+
+    def deliver(self, message: Message) -> None:
+        """Fan one message out to this process's subscribers (the backplane calls this)."""
+        frame = frames.text(message.data)  # encoded once for every client
+        for conn in self.registry.subscribers(message.topic):
+            if conn.pending is not None:
+                conn.pending.append(message)
+            else:
+                self._deliver_to(conn, message, frame)
+
+    def _deliver_to(
+        self, conn: Connection, message: Message, frame: bytes | None = None, replay: bool = False
+    ) -> None:
+        topic = message.topic
+        if message.seq <= conn.last_seq.get(topic, 0):
+            return  # already delivered (resume overlap)
+        if frame is None:
+            frame = frames.text(message.data)
+        # A replay is what the client asked for to close a gap: never skipped.
+        priority = Priority.HIGH if replay else message.priority
+        if self._write(conn, frame, priority):
+            conn.last_seq[topic] = message.seq
+            self.stats.delivered += 1
+            if replay:
+                self.stats.replayed += 1
+        elif not conn.closing:
+            self.stats.skipped[message.priority.name.lower()] += 1
+            conn.skipped += 1
+            # A skipped message is gone for this client: resume will not resend it.
+            conn.last_seq[topic] = message.seq
+
+    def _send_control(self, conn: Connection, obj: dict[str, Any]) -> None:
+        self._write(conn, _control(obj), Priority.HIGH)
+
+    def _write(self, conn: Connection, frame: bytes, priority: Priority) -> bool:
+        """Apply backpressure and write; False when skipped or the client is gone."""
+        if conn.closing:
+            return False
+        peer = conn.peer
+        if peer.is_closing():
+            conn.closing = True
+            return False
+        buffered = peer.buffered()
+        conn.paused = paused = self.backpressure.paused(conn.paused, buffered)
+        decision = self.backpressure.decide(paused, buffered, len(frame), priority)
+        if decision is Decision.SEND:
+            try:
+                peer.write(frame)
+            except Exception as exc:  # a failed send drops this client, never the others
+                log.warn("Send failed, dropping client", sessionId=conn.session_id, error=repr(exc))
+                self.kill(conn, codes.Close.INTERNAL_ERROR, "Send failed")
+                return False
+            return True
+        if decision is Decision.CLOSE:
+            self.stats.slow_closed += 1
+            log.warn(
+                "Closing slow client",
+                sessionId=conn.session_id,
+                bufferedBytes=buffered,
+                maxBuffer=self.backpressure.max_buffer,
+            )
+            self.close(conn, *codes.SLOW_CONSUMER)
+        return False
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self, conn: Connection, code: int, reason: str) -> None:
+        """Close with a handshake, waiting up to WS_CLOSE_TIMEOUT, then abort."""
+        if conn.closing:
+            return
+        conn.closing = True
+        conn.close_code, conn.close_reason = code, reason
+        self._forget(conn)
+        fut = asyncio.ensure_future(
+            conn.peer.close(code, reason, self.settings.close_timeout_ms / 1000)
+        )
+        self._closers.add(fut)
+        fut.add_done_callback(self._closers.discard)
+
+    def kill(self, conn: Connection, code: int, reason: str) -> None:
+        """Presumed dead: unregister at once, close frame best-effort, abort the transport."""
+        conn.closing = True
+        conn.close_code, conn.close_reason = code, reason
+        self._forget(conn)
+        peer = conn.peer
+        try:
+            if not peer.is_closing():
+                peer.write(frames.close(code, reason))
+        except Exception:  # best effort: the peer is presumed gone
+            pass
+        peer.abort()
+
+    async def close_all(self, code: int, reason: str, window: float = 0.5) -> None:
+        """Close every client in batches spread over `window` seconds (no reconnect storm)."""
+        conns = list(self.registry)
+        if conns:
+            batches = max(1, min(10, len(conns) // 50))
+            size = -(-len(conns) // batches)
+            for i in range(batches):
+                for conn in conns[i * size : (i + 1) * size]:
+                    self.close(conn, code, reason)
+                if i < batches - 1:
+                    await asyncio.sleep(window / batches)
+        if self._closers:
+            limit = self.settings.close_timeout_ms / 1000 + 1
+            await asyncio.wait(set(self._closers), timeout=limit)
+
+    # ------------------------------------------------------------------ heartbeat driver
+
+    def start_heartbeat(self) -> None:
+        """Start pinging (SPEC §4); logs the start or that it is disabled."""
+        self._start_lag_monitor()
+        if self.heartbeat is None:
+            hb_log.info("Heartbeat disabled (interval <= 0)")
+            return
+        hb_log.info(
+            "Starting heartbeat",
+            intervalMs=self.settings.heartbeat_interval_ms,
+            missed=self.settings.heartbeat_missed,
+        )
+        self._heartbeat_running = True
+        due = self.heartbeat.next_due()
+        if due is not None:
+            self._schedule(due)
+
+    def stop_heartbeat(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._heartbeat_running:
+            self._heartbeat_running = False
+            hb_log.info("Heartbeat stopped")
+
+    def _schedule(self, due: float) -> None:
+        """Have a tick run at `due` (or a little later, to coalesce), unless one is sooner."""
+        if self._tick_pending:
+            return  # the pending tick reschedules after it runs
+        now = self.clock.now()
+        when = max(due, now)
+        if self._timer is not None:
+            if self._timer_when <= when:
+                return
+            self._timer.cancel()
+        self._timer_when = when
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, when - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        # Run the tick one loop pass later: frames read from sockets in this pass
+        # (a pong that arrived while the loop was blocked) reach their handlers
+        # first, so a late tick never reaps a client whose answer is unread.
+        self._timer = None
+        self._tick_pending = True
+        asyncio.get_running_loop().call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self._tick_pending = False
+        heartbeat = self.heartbeat
+        if heartbeat is None or not self._heartbeat_running:
+            return
+        now = self.clock.now()
+        result = heartbeat.tick(now)
+        pinged = 0
+        for beat in result.ping:
+            conn = beat.owner
+            if conn.closing:
+                continue
+            peer = conn.peer
+            if peer.is_closing():
+                continue
+            peer.write(frames.ping(encode_ping_id(beat.ping_id)))  # opcode 0x9, RFC 6455 §5.5.2
+            pinged += 1
+        for beat in result.stale:
+            self._reap(beat, now)
+        if hb_log.debug_enabled and (pinged or result.stale):
+            hb_log.debug(
+                "Heartbeat tick", pinged=pinged, closed=len(result.stale), total=len(self.registry)
+            )
+        due = heartbeat.next_due()
+        if due is not None:
+            self._schedule(max(due, now + self._min_gap))
+
+    def _reap(self, beat: Beat[Connection], now: float) -> None:
+        conn = beat.owner
+        hb_log.warn(
+            "Closing stale connection",
+            sessionId=conn.session_id,
+            lastPong=mono_to_iso(self.clock, beat.last_seen),
+            missedMs=round((now - beat.last_seen) * 1000),
+        )
+        self.kill(conn, *codes.HEARTBEAT_TIMEOUT)
+
+    # ------------------------------------------------------------------ event-loop lag
+
+    def _start_lag_monitor(self) -> None:
+        if self.heartbeat is not None:
+            self._lag_period = min(0.25, max(0.02, self.heartbeat.interval / 4))
+        self._stall_threshold = self.heartbeat.interval if self.heartbeat is not None else 1.0
+        self._lag_expected = self.clock.now() + self._lag_period
+        self._lag_handle = asyncio.get_running_loop().call_later(self._lag_period, self._lag_check)
+
+    def _lag_check(self) -> None:
+        now = self.clock.now()
+        lag = max(0.0, now - self._lag_expected)
+        stats = self.stats
+        stats.loop_lag = lag
+        stats.loop_lag_max = max(stats.loop_lag_max, lag)
+        if lag > self._stall_threshold:
+            stats.loop_stalls += 1
+            log.warn(
+                "Event loop stalled",
+                lagMs=round(lag * 1000),
+                thresholdMs=round(self._stall_threshold * 1000),
+            )
+        self._lag_expected = now + self._lag_period
+        self._lag_handle = asyncio.get_running_loop().call_later(self._lag_period, self._lag_check)
+
+    def stop(self) -> None:
+        """Stop timers (heartbeat and lag monitor)."""
+        self.stop_heartbeat()
+        if self._lag_handle is not None:
+            self._lag_handle.cancel()
+            self._lag_handle = None
+
+    # ------------------------------------------------------------------ views
+
+    def health(self) -> dict[str, Any]:
+        hb = self.heartbeat
+        s = self.stats
+        return {
+            "status": "shutting_down" if self.shutting_down else "ok",
+            "uptime": round(self.clock.now() - self.started_at, 3),
+            "clients": len(self.registry),
+            "heartbeat": {
+                "enabled": hb is not None,
+                "intervalMs": self.settings.heartbeat_interval_ms,
+                "missed": self.settings.heartbeat_missed,
+                "pinged": hb.pings_sent if hb else 0,
+                "pongs": hb.pongs if hb else 0,
+                "staleClosed": hb.stale_closed if hb else 0,
+                "lateChecks": hb.voided if hb else 0,
+            },
+            "loop": {
+                "lagMs": round(s.loop_lag * 1000, 3),
+                "maxLagMs": round(s.loop_lag_max * 1000, 3),
+                "stalls": s.loop_stalls,
+            },
+            "messages": {
+                "published": s.published,
+                "delivered": s.delivered,
+                "replayed": s.replayed,
+                "skipped": dict(s.skipped),
+                "slowClosed": s.slow_closed,
+                "resumes": s.resumes,
+                "resyncs": s.resyncs,
+            },
+            "backplane": self.backplane.state(),
+        }
+
+    def connections(self) -> list[dict[str, Any]]:
+        out = []
+        for conn in self.registry:
+            beat = conn.beat
+            last_pong = None
+            rtt = None
+            if beat is not None:
+                if beat.last_pong is not None:
+                    last_pong = mono_to_iso(self.clock, beat.last_pong)
+                if beat.rtt is not None:
+                    rtt = round(beat.rtt * 1000, 3)
+            buffered = conn.peer.buffered()
+            out.append(
+                {
+                    "sessionId": conn.session_id,
+                    "connectedAt": iso(conn.connected_at),
+                    "remote": conn.remote,
+                    "lastPong": last_pong,
+                    "rttMs": rtt,
+                    "buffered": buffered,
+                    "paused": self.backpressure.paused(conn.paused, buffered),
+                    "skipped": conn.skipped,
+                    "topics": sorted(conn.topics),
+                    "lastSeq": dict(conn.last_seq),
+                }
+            )
+        return out

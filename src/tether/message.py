@@ -1,0 +1,89 @@
+"""Published messages: validated and serialized once, then stamped with topic and seq (SPEC §6).
+
+A publish serializes the posted object exactly once (`prepare`). The backplane
+assigns the topic's next sequence number and `stamp` appends `"topic"` and
+`"seq"` to those bytes, so every node and every client gets identical bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import orjson
+
+from tether.errors import PublishError
+
+BROADCAST_TOPIC = "*"
+MAX_TOPIC_LENGTH = 200
+
+
+class Priority(IntEnum):
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+    @classmethod
+    def parse(cls, value: object) -> Priority:
+        if value is None:
+            return cls.NORMAL
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                pass
+        raise PublishError(400, "priority must be one of high, normal, low")
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A publish that passed validation: its topic, priority and JSON without topic/seq."""
+
+    topic: str
+    priority: Priority
+    body: bytes  # a JSON object, without "topic" and "seq"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message as delivered: `data` is the JSON text every subscriber receives."""
+
+    topic: str
+    seq: int
+    priority: Priority
+    data: bytes
+
+
+def check_topic(topic: object) -> str:
+    """A topic name, or PublishError: a non-empty string of printable characters."""
+    if not isinstance(topic, str) or not topic or len(topic) > MAX_TOPIC_LENGTH:
+        raise PublishError(400, f"topic must be a string of 1 to {MAX_TOPIC_LENGTH} characters")
+    if not topic.isprintable() or "," in topic:
+        raise PublishError(400, "topic must be printable and contain no comma")
+    return topic
+
+
+def prepare(event: Any) -> Prepared:
+    """Validate a posted event and serialize it once; raises PublishError (400)."""
+    if not isinstance(event, dict):
+        raise PublishError(400, "event must be a JSON object")
+    kind = event.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise PublishError(400, "event needs a non-empty string 'type'")
+    topic = check_topic(event.get("topic", BROADCAST_TOPIC))
+    priority = Priority.parse(event.get("priority"))
+    rest = {k: v for k, v in event.items() if k not in ("topic", "seq")}
+    try:
+        body = orjson.dumps(rest)
+    except TypeError as exc:
+        raise PublishError(400, f"event cannot be serialized as JSON: {exc}") from None
+    return Prepared(topic, priority, body)
+
+
+def stamp(prepared: Prepared, seq: int) -> Message:
+    """Append topic and seq to the serialized body: no second serialization."""
+    tail = b'"topic":' + orjson.dumps(prepared.topic) + b',"seq":' + str(seq).encode() + b"}"
+    body = prepared.body
+    data = body[:-1] + (b"," if len(body) > 2 else b"") + tail
+    return Message(prepared.topic, seq, prepared.priority, data)

@@ -1,0 +1,134 @@
+"""The connection registry, with no I/O: who is connected, and who gets which topic.
+
+Every connection is registered when its WebSocket opens and removed exactly
+once when it closes, whatever closed it (peer, heartbeat, slow consumer,
+shutdown). Topic `*` reaches every connection; other topics reach their
+subscribers only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from tether.heartbeat import Beat
+from tether.message import BROADCAST_TOPIC, Message
+
+
+class Peer(Protocol):
+    """What the hub needs from a connection's transport (adapted in server.py)."""
+
+    def write(self, data: bytes) -> None: ...
+    def buffered(self) -> int: ...
+    def is_closing(self) -> bool: ...
+    def abort(self) -> None: ...
+    async def close(self, code: int, reason: str, timeout: float) -> None: ...
+
+
+class Connection:
+    """One client and its state."""
+
+    __slots__ = (
+        "beat",
+        "close_code",
+        "close_reason",
+        "closing",
+        "connected_at",
+        "last_seq",
+        "paused",
+        "peer",
+        "pending",
+        "remote",
+        "session_id",
+        "skipped",
+        "topics",
+    )
+
+    def __init__(self, session_id: str, connected_at: float, remote: str, peer: Peer) -> None:
+        self.session_id = session_id
+        self.connected_at = connected_at  # wall-clock seconds
+        self.remote = remote
+        self.peer = peer
+        self.topics: set[str] = set()
+        self.last_seq: dict[str, int] = {}  # last seq delivered, per topic
+        self.paused = False
+        self.skipped = 0  # messages skipped while paused
+        self.closing = False  # a close is under way: write nothing more
+        self.close_code: int | None = None  # set when the server closed it
+        self.close_reason = ""
+        self.beat: Beat[Connection] | None = None
+        # While a resume replays history, live messages wait here (None = live).
+        self.pending: list[Message] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.session_id} {self.remote}>"
+
+
+class Registry:
+    """Connections by session id, and subscribers by topic."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Connection] = {}
+        self._by_topic: dict[str, dict[Connection, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[Connection]:
+        return iter(list(self._by_id.values()))
+
+    def __contains__(self, conn: object) -> bool:
+        return isinstance(conn, Connection) and self._by_id.get(conn.session_id) is conn
+
+    def get(self, session_id: str) -> Connection | None:
+        return self._by_id.get(session_id)
+
+    def add(self, conn: Connection) -> None:
+        if conn.session_id in self._by_id:
+            raise ValueError(f"session {conn.session_id} is already registered")
+        self._by_id[conn.session_id] = conn
+        for topic in conn.topics:
+            self._by_topic.setdefault(topic, {})[conn] = None
+
+    def remove(self, conn: Connection) -> bool:
+        """Unregister; True the first time, False when it was already gone."""
+        if self._by_id.get(conn.session_id) is not conn:
+            return False
+        del self._by_id[conn.session_id]
+        for topic in conn.topics:
+            self._unindex(topic, conn)
+        return True
+
+    def subscribe(self, conn: Connection, topics: list[str]) -> list[str]:
+        """Add topics; returns those that were new."""
+        new = [t for t in topics if t not in conn.topics and t != BROADCAST_TOPIC]
+        conn.topics.update(new)
+        if conn in self:
+            for topic in new:
+                self._by_topic.setdefault(topic, {})[conn] = None
+        return new
+
+    def unsubscribe(self, conn: Connection, topics: list[str]) -> list[str]:
+        gone = [t for t in topics if t in conn.topics]
+        for topic in gone:
+            conn.topics.discard(topic)
+            self._unindex(topic, conn)
+        return gone
+
+    def _unindex(self, topic: str, conn: Connection) -> None:
+        subs = self._by_topic.get(topic)
+        if subs is not None:
+            subs.pop(conn, None)
+            if not subs:
+                del self._by_topic[topic]
+
+    def subscribers(self, topic: str) -> list[Connection]:
+        """A snapshot of who receives `topic` (everyone, for `*`)."""
+        if topic == BROADCAST_TOPIC:
+            return list(self._by_id.values())
+        subs = self._by_topic.get(topic)
+        return list(subs) if subs else []
+
+    def topics(self) -> dict[str, int]:
+        """Subscribed topics and their subscriber counts."""
+        return {t: len(s) for t, s in self._by_topic.items()}

@@ -1,0 +1,214 @@
+"""The aiohttp edge: HTTP and WebSocket on one port (SPEC §6, §9).
+
+This is the only module that knows aiohttp's server. It adapts each WebSocket to
+the hub's `Peer` and turns HTTP requests into hub calls. Frames from clients
+are read with aiohttp's parser (`autoping=False`, so pings and pongs reach us);
+frames to clients are written pre-encoded to the transport (see `frames.py`),
+with permessage-deflate off so the same bytes are valid on every connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from tether import frames
+from tether.config import Settings
+from tether.errors import PublishError
+from tether.hub import Hub, parse_since, parse_topics
+from tether.logs import get_logger
+
+log = get_logger("server")
+HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
+STATIC = resources.files("tether") / "static"
+
+
+class AiohttpPeer:
+    """One WebSocket as the hub sees it: write bytes, count buffered bytes, close."""
+
+    __slots__ = ("_closed", "transport", "ws")
+
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport) -> None:
+        self.ws = ws
+        self.transport = transport
+        self._closed: asyncio.Future[None] | None = None
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    async def close(self, code: int, reason: str, timeout: float) -> None:
+        """Close handshake (RFC 6455 §7.1.2), aborting when it takes over `timeout`."""
+        self._closed = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.ws.close(code=code, message=reason.encode())
+        except Exception:  # timeout or a broken transport: free it now
+            self.transport.abort()
+        finally:
+            self._closed.set_result(None)
+
+    async def wait_closed(self) -> None:
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message, "status": status}, status)
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Cross-site WebSocket hijacking guard: same origin, localhost, or the allowlist.
+
+    A request without an Origin header is not from a browser page; it is allowed.
+    """
+    if origin is None:
+        return True
+    origin = origin.rstrip("/")
+    if "*" in allowed or origin in allowed:
+        return True
+    parts = urlsplit(origin)
+    if host and parts.netloc == host:
+        return True
+    return not allowed and parts.hostname in ("localhost", "127.0.0.1", "::1")
+
+
+class Routes:
+    """Request handlers, bound to one hub."""
+
+    def __init__(self, hub: Hub, settings: Settings) -> None:
+        self.hub = hub
+        self.settings = settings
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        hub = self.hub
+        if hub.shutting_down:
+            return _error(503, "server shutting down")
+        if not origin_allowed(
+            request.headers.get("Origin"), request.host, self.settings.allowed_origins
+        ):
+            log.warn("WebSocket origin refused", origin=request.headers.get("Origin"),
+                     remote=request.remote)
+            return _error(403, "origin not allowed")
+        try:
+            topics = parse_topics(request.query.get("topics", ""))
+            since = parse_since(request.query.get("since", ""))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        ws = web.WebSocketResponse(
+            autoping=False,  # tether answers and measures pings itself (SPEC §4)
+            compress=False,  # one pre-encoded frame for every client
+            max_msg_size=self.settings.max_message,  # over it: close 1009
+            timeout=self.settings.close_timeout_ms / 1000,
+        )
+        await ws.prepare(request)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return ws
+        peer = AiohttpPeer(ws, transport)
+        conn = hub.open(peer, request.remote or "?", topics)
+        code: int | None = None
+        reason = ""
+        try:
+            if since:
+                await hub.resume(conn, since)
+            while True:
+                msg = await ws.receive()
+                kind = msg.type
+                if kind is WSMsgType.TEXT:
+                    hub.seen(conn)
+                    await hub.text(conn, msg.data)
+                elif kind is WSMsgType.PONG:
+                    hub.pong(conn, msg.data)
+                elif kind is WSMsgType.PING:
+                    hub.seen(conn)
+                    if not conn.closing and not transport.is_closing():
+                        transport.write(frames.pong(msg.data))  # RFC 6455 §5.5.3
+                elif kind is WSMsgType.BINARY:
+                    hub.seen(conn)
+                    await hub.text(conn, "")  # answered with {"type":"error"}
+                elif kind is WSMsgType.CLOSE:
+                    code, reason = msg.data, msg.extra or ""
+                    break
+                elif kind is WSMsgType.CLOSING:
+                    await peer.wait_closed()
+                    break
+                else:  # CLOSED, ERROR
+                    break
+        finally:
+            hub.detach(conn, code if code is not None else ws.close_code, reason)
+        return ws
+
+    async def event(self, request: web.Request) -> web.Response:
+        token = self.settings.publish_token
+        if token is not None:
+            given = request.headers.get("Authorization", "")
+            expected = f"Bearer {token}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return _error(401, "missing or wrong bearer token")
+        limit = self.settings.max_message
+        if request.content_length is not None and request.content_length > limit:
+            return _error(413, f"body larger than WS_MAX_MESSAGE ({limit} bytes)")
+        body = await request.content.read(limit + 1)
+        if len(body) > limit:
+            return _error(413, f"body larger than WS_MAX_MESSAGE ({limit} bytes)")
+        try:
+            event = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _error(400, "body is not valid JSON")
+        try:
+            message = await self.hub.publish(event)
+        except PublishError as exc:
+            return _error(exc.status, exc.message)
+        return _json({"accepted": True, "topic": message.topic, "seq": message.seq}, 202)
+
+    async def health(self, request: web.Request) -> web.Response:
+        return _json(self.hub.health())
+
+    async def connections(self, request: web.Request) -> web.Response:
+        conns = self.hub.connections()
+        return _json({"count": len(conns), "connections": conns})
+
+    async def index(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=(STATIC / "index.html").read_bytes(), content_type="text/html", charset="utf-8"
+        )
+
+    async def client_js(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=(STATIC / "tether.js").read_bytes(),
+            content_type="text/javascript",
+            charset="utf-8",
+        )
+
+
+def build_app(hub: Hub, settings: Settings) -> web.Application:
+    """The aiohttp application: every route of SPEC §9 on one port."""
+    app = web.Application(client_max_size=settings.max_message + 1024)
+    app[HUB] = hub
+    routes = Routes(hub, settings)
+    app.router.add_get("/", routes.index)
+    app.router.add_get("/tether.js", routes.client_js)
+    app.router.add_get("/ws", routes.websocket)
+    app.router.add_post("/event", routes.event)
+    app.router.add_get("/health", routes.health)
+    app.router.add_get("/api/connections", routes.connections)
+    return app

@@ -1,0 +1,1 @@
+// The browser client arrives with issue 3/7.
