@@ -101,7 +101,7 @@ class Registry:
 
     def subscribe(self, conn: Connection, topics: list[str]) -> list[str]:
         """Add topics; returns those that were new."""
-        new = [t for t in topics if t not in conn.topics and t != BROADCAST_TOPIC]
+        new = [t for t in dict.fromkeys(topics) if t not in conn.topics and t != BROADCAST_TOPIC]
         conn.topics.update(new)
         if conn in self:
             for topic in new:

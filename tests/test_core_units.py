@@ -1,0 +1,173 @@
+"""Pure modules without an event loop: registry, backpressure, history, messages, frames."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from tether import frames
+from tether.errors import PublishError
+from tether.history import History
+from tether.message import Priority, prepare, stamp
+from tether.outbox import Backpressure, Decision
+from tether.registry import Connection, Registry
+
+
+class FakeTransportless:
+    """A Peer that records writes: registry tests need no I/O at all."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def buffered(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        pass
+
+    async def close(self, code: int, reason: str, timeout: float) -> None:
+        pass
+
+
+def conn(sid: str, *topics: str) -> Connection:
+    c = Connection(sid, 0.0, "127.0.0.1", FakeTransportless())
+    c.topics.update(topics)
+    return c
+
+
+# ---- registry
+
+
+def test_registry_add_remove_count_iterate() -> None:
+    r = Registry()
+    a, b = conn("a", "x"), conn("b", "y")
+    r.add(a)
+    r.add(b)
+    assert len(r) == 2 and {c.session_id for c in r} == {"a", "b"}
+    assert a in r and r.get("a") is a
+    assert r.remove(a) is True
+    assert r.remove(a) is False  # idempotent: unregistered exactly once
+    assert len(r) == 1 and a not in r
+    with pytest.raises(ValueError):
+        r.add(b)
+
+
+def test_registry_topics_and_broadcast() -> None:
+    r = Registry()
+    a, b, c = conn("a", "x"), conn("b", "x", "y"), conn("c")
+    for x in (a, b, c):
+        r.add(x)
+    assert set(r.subscribers("x")) == {a, b}
+    assert set(r.subscribers("y")) == {b}
+    assert set(r.subscribers("*")) == {a, b, c}  # every client receives '*'
+    assert r.subscribers("nobody") == []
+    assert r.subscribe(c, ["y", "y", "*"]) == ["y"]
+    assert set(r.subscribers("y")) == {b, c}
+    r.unsubscribe(b, ["y"])
+    assert set(r.subscribers("y")) == {c}
+    r.remove(c)
+    assert r.subscribers("y") == [] and "y" not in r.topics()
+
+
+def test_registry_iteration_is_a_snapshot() -> None:
+    r = Registry()
+    for i in range(10):
+        r.add(conn(str(i)))
+    for c in r:
+        r.remove(c)  # removing while iterating is safe
+    assert len(r) == 0
+
+
+# ---- backpressure
+
+
+def test_backpressure_hysteresis_and_priorities() -> None:
+    bp = Backpressure(high=100, low=20, max_buffer=1000)
+    assert bp.paused(False, 100) is False
+    assert bp.paused(False, 101) is True
+    assert bp.paused(True, 50) is True  # stays paused until below low
+    assert bp.paused(True, 19) is False
+    assert bp.decide(True, 150, 10, Priority.HIGH) is Decision.SEND
+    assert bp.decide(True, 150, 10, Priority.NORMAL) is Decision.SKIP
+    assert bp.decide(True, 150, 10, Priority.LOW) is Decision.SKIP
+    assert bp.decide(False, 50, 10, Priority.LOW) is Decision.SEND
+    assert bp.decide(False, 995, 10, Priority.HIGH) is Decision.CLOSE
+    with pytest.raises(ValueError):
+        Backpressure(high=10, low=20, max_buffer=100)
+
+
+# ---- history
+
+
+def test_history_assigns_consecutive_seqs_per_topic() -> None:
+    h: History[str] = History(3)
+    for topic in ("a", "a", "b", "a"):
+        seq = h.next_seq(topic)
+        h.append(topic, seq, f"{topic}{seq}")
+    assert h.last_seq("a") == 3 and h.last_seq("b") == 1
+    with pytest.raises(ValueError):
+        h.append("a", 7, "gap")
+
+
+def test_history_since_and_resync() -> None:
+    h: History[int] = History(3)
+    for seq in range(1, 6):
+        h.append("t", seq, seq)
+    assert h.since("t", 5).items == [] and not h.since("t", 5).resync
+    assert h.since("t", 3).items == [4, 5]
+    assert h.since("t", 2).items == [3, 4, 5]
+    r = h.since("t", 1)  # message 2 is gone
+    assert r.resync and r.last == 5
+    assert h.since("t", 9).resync  # numbering restarted
+    assert h.since("new", 0).items == []
+    assert h.since("new", 4).resync
+
+
+def test_history_size_zero_keeps_nothing() -> None:
+    h: History[int] = History(0)
+    h.append("t", 1, 1)
+    assert h.since("t", 0).resync and h.since("t", 1).items == []
+
+
+# ---- messages
+
+
+def test_prepare_and_stamp_serialize_once_and_append_topic_seq() -> None:
+    p = prepare({"type": "t", "payload": {"k": [1, 2]}, "topic": "a", "priority": "high"})
+    assert p.topic == "a" and p.priority is Priority.HIGH
+    m = stamp(p, 7)
+    assert orjson.loads(m.data) == {
+        "type": "t", "payload": {"k": [1, 2]}, "priority": "high", "topic": "a", "seq": 7}
+    assert orjson.loads(stamp(prepare({"type": "x"}), 1).data) == {
+        "type": "x", "topic": "*", "seq": 1}
+
+
+@pytest.mark.parametrize(
+    "event",
+    [[], "x", {}, {"type": ""}, {"type": 1}, {"type": "x", "topic": ""},
+     {"type": "x", "topic": "a,b"}, {"type": "x", "priority": "urgent"},
+     {"type": "x", "payload": {1, 2}}],
+)
+def test_prepare_rejects_bad_events(event: object) -> None:
+    with pytest.raises(PublishError) as err:
+        prepare(event)
+    assert err.value.status == 400
+
+
+# ---- frames
+
+
+def test_frames_length_encodings() -> None:
+    assert frames.text(b"hi") == b"\x81\x02hi"
+    assert frames.text(b"x" * 126)[:4] == b"\x81\x7e\x00\x7e"
+    assert frames.text(b"x" * 70000)[:2] == b"\x81\x7f"
+    assert frames.ping(b"12345678") == b"\x89\x0812345678"
+    assert frames.close(1000, "bye") == b"\x88\x05\x03\xe8bye"
+    with pytest.raises(ValueError):
+        frames.ping(b"x" * 126)

@@ -1,0 +1,212 @@
+"""The pure heartbeat core, driven by a manual clock: no sleeping, no sockets."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from tether.clock import ManualClock
+from tether.heartbeat import Beat, Heartbeat, decode_ping_id, encode_ping_id
+
+I = 1.0  # interval, seconds
+
+
+def run_until(hb: Heartbeat[str], clock: ManualClock, until: float, step: float = 0.01,
+              answer: set[str] | None = None) -> list[tuple[float, list[str], list[str]]]:
+    """Tick every `step` up to `until`; clients in `answer` pong each ping at once."""
+    log = []
+    while clock.now() < until - 1e-9:
+        clock.advance(step)
+        t = hb.tick(clock.now())
+        for beat in t.ping:
+            if answer is not None and beat.owner in answer:
+                hb.pong(beat, beat.ping_id, clock.now())
+        log.append((clock.now(), [b.owner for b in t.ping], [b.owner for b in t.stale]))
+    return log
+
+
+def test_phases_spread_10000_simultaneous_connections() -> None:
+    clock = ManualClock()
+    hb: Heartbeat[int] = Heartbeat(I, 2)
+    for n in range(10_000):
+        hb.add(n, clock.now())
+    per_tick = []
+    pinged: Counter[int] = Counter()
+    for _ in range(100):  # one interval in 100 ticks of 10 ms
+        clock.advance(I / 100)
+        t = hb.tick(clock.now())
+        per_tick.append(len(t.ping))
+        pinged.update(b.owner for b in t.ping)
+    assert len(pinged) == 10_000 and set(pinged.values()) == {1}  # each once per interval
+    # Even spread: no tick carries more than ~2x its fair share (100 per tick).
+    assert max(per_tick) <= 200, max(per_tick)
+    assert min(per_tick) >= 50, min(per_tick)
+
+
+def test_work_per_tick_is_proportional_to_due_connections() -> None:
+    clock = ManualClock()
+    hb: Heartbeat[int] = Heartbeat(I, 2)
+    for n in range(1000):
+        hb.add(n, clock.now())
+    clock.advance(0.001)
+    assert len(hb.tick(clock.now()).ping) <= 5
+
+
+def test_stale_after_exactly_k_missed_pings() -> None:
+    for k in (1, 2, 3):
+        clock = ManualClock()
+        hb: Heartbeat[str] = Heartbeat(I, k)
+        beat = hb.add("dead", clock.now())
+        first_ping = None
+        stale_at = None
+        pings = 0
+        while stale_at is None and clock.now() < 1000 + 10:
+            clock.advance(0.01)
+            t = hb.tick(clock.now())
+            if t.ping:
+                pings += 1
+                first_ping = first_ping or clock.now()
+            if t.stale:
+                stale_at = clock.now()
+        assert stale_at is not None and first_ping is not None
+        assert pings == k  # K pings sent, all unanswered
+        assert stale_at - first_ping == pytest.approx(k * I, abs=0.011)
+        assert not beat.alive and hb.count == 0 and hb.stale_closed == 1
+
+
+def test_healthy_client_never_stale() -> None:
+    clock = ManualClock()
+    hb: Heartbeat[str] = Heartbeat(I, 2)
+    hb.add("ok", clock.now())
+    log = run_until(hb, clock, clock.now() + 20 * I, answer={"ok"})
+    assert not any(stale for _, _, stale in log)
+    assert sum(len(p) for _, p, _ in log) in (19, 20, 21)
+
+
+def test_detection_bound_after_last_pong() -> None:
+    """A peer that dies just after a pong is stale within (K+1)·I, and not before K·I."""
+    for k in (1, 2, 3):
+        clock = ManualClock()
+        hb: Heartbeat[str] = Heartbeat(I, k)
+        beat = hb.add("p", clock.now())
+        alive = {"p"}
+        died_at = None
+        stale_at = None
+        while stale_at is None:
+            clock.advance(0.005)
+            t = hb.tick(clock.now())
+            for b in t.ping:
+                if b.owner in alive:
+                    hb.pong(b, b.ping_id, clock.now())
+                    if clock.now() > 1000 + 3.3:  # dies just after this pong
+                        alive.clear()
+                        died_at = clock.now()
+            if t.stale:
+                stale_at = clock.now()
+        assert died_at is not None and not beat.alive
+        assert k * I <= stale_at - died_at <= (k + 1) * I + 0.01
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_server_stall_of_five_intervals_closes_no_healthy_client(k: int) -> None:
+    clock = ManualClock()
+    hb: Heartbeat[int] = Heartbeat(I, k)
+    beats = [hb.add(n, clock.now()) for n in range(100)]
+    run_until(hb, clock, clock.now() + 2 * I, answer=set(range(100)))
+    # Pings go out, then the loop stalls for 5·I before anything more runs: the
+    # answers are sitting unread when the first late tick runs.
+    clock.advance(0.5)
+    sent = hb.tick(clock.now()).ping
+    assert sent
+    clock.advance(5 * I)
+    late = hb.tick(clock.now())
+    assert late.stale == [] and late.voided > 0
+    for b in beats:  # now the handlers read the pongs
+        hb.pong(b, b.ping_id, clock.now())
+    answer = set(range(100))
+    log = run_until(hb, clock, clock.now() + 5 * I, answer=answer)
+    assert not any(stale for _, _, stale in log)
+    assert hb.count == 100
+
+
+def test_pings_never_sent_during_stall_do_not_count() -> None:
+    clock = ManualClock()
+    hb: Heartbeat[str] = Heartbeat(I, 2)
+    beat = hb.add("x", clock.now())
+    run_until(hb, clock, clock.now() + 1.5 * I, answer={"x"})
+    clock.advance(10 * I)  # suspended: ten intervals of pings never sent
+    t = hb.tick(clock.now())
+    assert t.stale == [] and len(t.ping) == 1  # one ping, not ten
+    assert beat.misses == 0
+
+
+def test_any_inbound_frame_resets() -> None:
+    clock = ManualClock()
+    hb: Heartbeat[str] = Heartbeat(I, 2)
+    beat = hb.add("x", clock.now())
+    for _ in range(10):  # never pongs, but sends a message each interval
+        run_until(hb, clock, clock.now() + I)
+        hb.seen(beat, clock.now())
+    assert beat.alive and beat.misses == 0
+
+
+def test_outbound_traffic_is_not_proof_of_life() -> None:
+    """Nothing the server writes is passed to the core: only seen()/pong() reset."""
+    clock = ManualClock()
+    hb: Heartbeat[str] = Heartbeat(I, 2)
+    hb.add("x", clock.now())
+    log = run_until(hb, clock, clock.now() + 4 * I)
+    assert any(stale for _, _, stale in log)
+
+
+def test_rtt_from_matching_pong_only() -> None:
+    clock = ManualClock()
+    hb: Heartbeat[str] = Heartbeat(I, 2)
+    beat = hb.add("x", clock.now())
+    while not hb.tick(clock.now()).ping:
+        clock.advance(0.01)
+    sent_id = beat.ping_id
+    clock.advance(0.037)
+    assert hb.pong(beat, sent_id, clock.now()) == pytest.approx(0.037)
+    assert beat.rtt == pytest.approx(0.037)
+    assert hb.pong(beat, sent_id + 99, clock.now()) is None  # not ours: no RTT
+    assert hb.pong(beat, None, clock.now()) is None
+    assert hb.pongs == 3 and beat.last_pong == clock.now()
+
+
+def test_removed_connections_are_never_pinged() -> None:
+    clock = ManualClock()
+    hb: Heartbeat[int] = Heartbeat(I, 2)
+    beats: list[Beat[int]] = [hb.add(n, clock.now()) for n in range(10)]
+    for b in beats[:5]:
+        hb.remove(b)
+    log = run_until(hb, clock, clock.now() + 3 * I)
+    pinged = {o for _, p, _ in log for o in p}
+    assert pinged == set(range(5, 10)) and hb.count == 0  # the rest went stale
+    assert hb.next_due() is None
+
+
+def test_late_ping_younger_than_interval_is_not_a_miss() -> None:
+    clock = ManualClock()
+    hb: Heartbeat[str] = Heartbeat(I, 1)
+    beat = hb.add("x", clock.now())
+    clock.advance(beat.due - clock.now() + 0.9 * I)  # first ping goes out 0.9·I late
+    t = hb.tick(clock.now())
+    assert len(t.ping) == 1
+    clock.advance(0.2 * I)  # next due on the phase grid; the ping is only 0.2·I old
+    assert hb.tick(clock.now()).stale == []
+    assert beat.alive
+
+
+def test_ping_payload_round_trip() -> None:
+    assert decode_ping_id(encode_ping_id(12345)) == 12345
+    assert len(encode_ping_id(2**63)) == 8
+    assert decode_ping_id(b"short") is None
+
+
+def test_invalid_parameters() -> None:
+    with pytest.raises(ValueError):
+        Heartbeat(0, 2)
+    with pytest.raises(ValueError):
+        Heartbeat(1, 0)
