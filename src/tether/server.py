@@ -52,13 +52,23 @@ class AiohttpPeer:
         self.transport.abort()
 
     async def close(self, code: int, reason: str, timeout: float) -> None:
-        """Close handshake (RFC 6455 §7.1.2), aborting when it takes over `timeout`."""
-        self._closed = asyncio.get_running_loop().create_future()
+        """Send close (RFC 6455 §7.1.2) and let the socket flush; abort after `timeout`.
+
+        aiohttp sends the close frame and, once its reader has stopped, closes the
+        transport, which flushes what is buffered and then sends FIN. A peer that
+        does not read would keep that socket (and its buffer) forever: past
+        `timeout` the transport is aborted.
+        """
+        loop = asyncio.get_running_loop()
+        self._closed = loop.create_future()
+        transport = self.transport
         try:
             async with asyncio.timeout(timeout):
-                await self.ws.close(code=code, message=reason.encode())
+                await self.ws.close(code=code, message=reason.encode(), drain=False)
+                while transport.get_write_buffer_size() > 0:  # noqa: ASYNC110 - no event for it
+                    await asyncio.sleep(0.02)
         except Exception:  # timeout or a broken transport: free it now
-            self.transport.abort()
+            transport.abort()
         finally:
             self._closed.set_result(None)
 
