@@ -32,6 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", choices=["high", "normal", "low"])
     p.add_argument("--token", default=os.environ.get("PUBLISH_TOKEN"))
 
+    p = sub.add_parser("watch", help="print messages, RTT and reconnects (a tunnel probe)")
+    p.add_argument("url", help="ws://host:port/ws or http://host:port")
+    p.add_argument("--topics", help="comma list of topics (every client gets '*')")
+    p.add_argument("--ping-interval", type=float, default=5.0,
+                   help="seconds between liveness pings (default 5)")
+    p.add_argument("--ping-timeout", type=float, default=10.0,
+                   help="seconds without an answer before reconnecting (default 10)")
+    p.add_argument("--backoff", type=float, default=1.0,
+                   help="first reconnect delay bound in seconds, doubling to 30 (default 1)")
+    p.add_argument("--count", type=int, help="exit after N messages")
+
     return parser
 
 
@@ -52,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tether.tools import publish
 
         return publish(args.url, args.event, args.topic, args.priority, args.token)
+    if args.command == "watch":
+        from tether.watch import main as watch
+
+        return watch(args.url, args.topics, args.ping_interval, args.ping_timeout,
+                     args.backoff, args.count)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

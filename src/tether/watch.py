@@ -1,0 +1,140 @@
+"""What `tether watch URL` does: print messages, RTT and every reconnect (SPEC §9).
+
+It is also a tunnel probe: each line is timestamped, the RTT line says how long
+the connection has been up, and a drop says how long it lasted and why — so a
+proxy that cuts idle WebSockets after ~100 s shows up as a column of numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from typing import Any, TextIO
+
+import orjson
+
+from tether.client import Client, State, StateChange
+from tether.clock import Clock, SystemClock, iso
+
+
+class Watcher:
+    """Formats the client's events as timestamped lines and counts them."""
+
+    def __init__(self, out: TextIO, clock: Clock, count: int | None) -> None:
+        self.out = out
+        self.clock = clock
+        self.count = count
+        self.messages = 0
+        self.resyncs = 0
+        self.drops = 0
+        self.longest = 0.0
+        self.connected_at: float | None = None
+        self.done = asyncio.Event()
+
+    def line(self, text: str) -> None:
+        self.out.write(f"{iso(self.clock.wall())} {text}\n")
+        self.out.flush()  # a pipe or a file is block-buffered: show each line now
+
+    def up_for(self) -> float:
+        return 0.0 if self.connected_at is None else self.clock.now() - self.connected_at
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        if msg.get("type") == "resync" and msg.keys() <= {"type", "topic", "seq"}:
+            self.resyncs += 1
+            self.line(f"resync topic={msg.get('topic')} seq={msg.get('seq')} "
+                      "(messages older than the history are gone: refetch state)")
+            return
+        self.messages += 1
+        self.line(f"message {orjson.dumps(msg).decode()}")
+        if self.count is not None and self.messages >= self.count:
+            self.done.set()
+
+    def on_rtt(self, rtt: float) -> None:
+        self.line(f"rtt {rtt * 1000:.1f} ms, up {self.up_for():.1f} s")
+
+    def on_state(self, change: StateChange) -> None:
+        state = change.state
+        if state is State.CONNECTING:
+            attempt = f" (attempt {change.attempt})" if change.attempt else ""
+            self.line(f"connecting{attempt}")
+        elif state is State.CONNECTED:
+            self.connected_at = self.clock.now()
+            self.line(f"connected session={change.session_id}")
+        elif state is State.RECONNECTING:
+            if change.up_for is not None:
+                self.drops += 1
+                self.longest = max(self.longest, change.up_for)
+                self.connected_at = None
+                self.line(f"disconnected after {change.up_for:.1f} s: {change.reason}")
+            else:
+                self.line(f"attempt failed: {change.reason}")
+            self.line(f"reconnecting in {change.delay or 0.0:.2f} s (attempt {change.attempt})")
+        elif state is State.DISCONNECTED:
+            self.done.set()
+
+    def summary(self) -> str:
+        self.longest = max(self.longest, self.up_for())
+        return (f"stopped: {self.messages} messages, {self.resyncs} resyncs, "
+                f"{self.drops} reconnects, longest connection {self.longest:.1f} s")
+
+
+async def watch(
+    url: str,
+    *,
+    topics: list[str] | None = None,
+    ping_interval: float = 5.0,
+    ping_timeout: float = 10.0,
+    backoff: float = 1.0,
+    count: int | None = None,
+    out: TextIO | None = None,
+    clock: Clock | None = None,
+) -> int:
+    """Watch until Ctrl+C, SIGTERM or `count` messages; 0 on a clean exit."""
+    clock = clock or SystemClock()
+    w = Watcher(out or sys.stdout, clock, count)
+    client = Client(
+        url,
+        topics=topics or (),
+        on_message=w.on_message,
+        on_state=w.on_state,
+        on_rtt=w.on_rtt,
+        iterate=False,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        ping_periodic=True,  # measure the RTT even while messages flow
+        backoff_base=backoff,
+        backoff_cap=max(30.0, backoff),
+        clock=clock,
+    )
+    loop = asyncio.get_running_loop()
+    stoppers = (signal.SIGINT, signal.SIGTERM)
+    for sig in stoppers:
+        loop.add_signal_handler(sig, w.done.set)
+    w.line(f"watching {client.url}")
+    try:
+        await client.start()
+        await w.done.wait()
+    finally:
+        for sig in stoppers:
+            loop.remove_signal_handler(sig)
+        await client.close()
+        w.line(w.summary())
+    return 0
+
+
+def main(url: str, topics: str | None, ping_interval: float, ping_timeout: float,
+         backoff: float, count: int | None) -> int:
+    """`tether watch`: the CLI passes its parsed arguments here."""
+    names = [t.strip() for t in (topics or "").split(",") if t.strip()]
+    try:
+        return asyncio.run(watch(url, topics=names, ping_interval=ping_interval,
+                                 ping_timeout=ping_timeout, backoff=backoff, count=count))
+    except ValueError as exc:
+        print(f"tether watch: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # pragma: no cover - the signal handler normally wins
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        return 0
