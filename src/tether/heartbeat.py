@@ -88,6 +88,8 @@ class Heartbeat(Generic[T]):
         # How late a check may run and still count a miss, and how much timer
         # jitter a ping's age may show and still be "at least I".
         self.tolerance = min(0.25 * interval, max(0.05, 0.1 * interval))
+        # How far ahead of its grid time a final (stale-making) check runs.
+        self.margin = min(0.025, self.tolerance / 2)
         self._heap: list[tuple[float, int, Beat[T]]] = []
         self._added = 0
         self._next_ping_id = 0
@@ -141,18 +143,24 @@ class Heartbeat(Generic[T]):
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
-    def tick(self, now: float) -> Tick[T]:
-        """Process every connection due at or before `now`."""
+    def tick(self, now: float, lead: float = 0.0) -> Tick[T]:
+        """Process every connection due at or before `now + lead`.
+
+        A caller that batches nearby due times into one tick passes that batching
+        window as `lead` (at most `margin / 2`): batching makes work a little
+        early, never late.
+        """
         result: Tick[T] = Tick()
         heap = self._heap
         interval = self.interval
         tolerance = self.tolerance
-        while heap and heap[0][0] <= now:
-            due, _, beat = heapq.heappop(heap)
+        horizon = now + min(lead, self.margin / 2)
+        while heap and heap[0][0] <= horizon:
+            at, _, beat = heapq.heappop(heap)
             if not beat.alive:
                 continue
             if beat.outstanding:
-                if now - due > tolerance:
+                if now - at > tolerance:
                     result.voided += 1  # late: the answer may be unread; count nothing
                 elif now - beat.ping_at >= interval - tolerance:
                     beat.misses += 1
@@ -164,25 +172,38 @@ class Heartbeat(Generic[T]):
                         continue
                 else:
                     # The last ping went out late and is younger than I: wait for it.
-                    self._reschedule(beat, due, now, interval)
+                    self._next_on_grid(beat, now)
                     continue
+            elif at < beat.due - self.margin / 2:
+                # An early final check found the client alive: ping on its grid.
+                heapq.heappush(heap, (beat.due, beat.key, beat))
+                continue
             self._next_ping_id += 1
             beat.ping_id = self._next_ping_id
             beat.ping_at = now
             beat.outstanding = True
             result.ping.append(beat)
-            self._reschedule(beat, due, now, interval)
+            self._next_on_grid(beat, now)
         self.pings_sent += len(result.ping)
         self.voided += result.voided
         return result
 
-    def _reschedule(self, beat: Beat[T], due: float, now: float, interval: float) -> None:
-        # Keep the phase: the next due time after `now` on this beat's grid.
-        nxt = due + interval
+    def _next_on_grid(self, beat: Beat[T], now: float) -> None:
+        """Queue the beat's next due time after `now`, keeping its phase.
+
+        When the next miss would make it stale, its final check is queued
+        `margin` ahead of the grid: batching and ordinary loop latency then never
+        carry detection past (K+1)·I.
+        """
+        interval = self.interval
+        nxt = beat.due + interval
         if nxt <= now:
-            nxt = due + interval * (math.floor((now - due) / interval) + 1)
+            nxt = beat.due + interval * (math.floor((now - beat.due) / interval) + 1)
         beat.due = nxt
-        heapq.heappush(self._heap, (nxt, beat.key, beat))
+        at = nxt
+        if beat.outstanding and beat.misses == self.missed - 1:
+            at = max(now, min(nxt, beat.ping_at + interval) - self.margin)
+        heapq.heappush(self._heap, (at, beat.key, beat))
 
 
 def encode_ping_id(ping_id: int) -> bytes:

@@ -13,6 +13,7 @@ slow (SPEC §6), so one dead client never stalls the others.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -135,10 +136,12 @@ class Hub:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
         self._tick_pending = False
+        self._ticked_at = float("-inf")
         self._min_gap = 0.0
         if self.heartbeat is not None:
-            # Coalesce ticks: never more often than every ~10 ms (fewer, fuller ticks).
-            self._min_gap = min(0.01, self.heartbeat.interval / 20)
+            # Coalesce ticks: at most one every ~12 ms, each taking the due times of
+            # the next ~12 ms a little early (so batching never makes a check late).
+            self._min_gap = self.heartbeat.margin / 2
         self._lag_handle: asyncio.TimerHandle | None = None
         self._lag_expected = 0.0
         self._lag_period = 0.25
@@ -311,6 +314,9 @@ class Hub:
         self, conn: Connection, message: Message, frame: bytes | None = None, replay: bool = False
     ) -> None:
         topic = message.topic
+        if not message.data:  # a backplane's resync notice (SPEC §8)
+            self._resync(conn, topic, message.seq)
+            return
         if message.seq <= conn.last_seq.get(topic, 0):
             return  # already delivered (resume overlap)
         if frame is None:
@@ -327,6 +333,17 @@ class Hub:
             conn.skipped += 1
             # A skipped message is gone for this client: resume will not resend it.
             conn.last_seq[topic] = message.seq
+
+    def _resync(self, conn: Connection, topic: str, seq: int) -> None:
+        """The backplane lost messages of `topic` up to `seq` (0: it renumbered from 1).
+
+        A subscriber that may lack some of them gets `resync` and continues after `seq`.
+        """
+        last = conn.last_seq.get(topic, 0)
+        if last < seq or (seq == 0 and last > 0):
+            conn.last_seq[topic] = seq
+            self.stats.resyncs += 1
+            self._send_control(conn, {"type": "resync", "topic": topic, "seq": seq})
 
     def _send_control(self, conn: Connection, obj: dict[str, Any]) -> None:
         self._write(conn, _control(obj), Priority.HIGH)
@@ -435,7 +452,9 @@ class Hub:
         if self._tick_pending:
             return  # the pending tick reschedules after it runs
         now = self.clock.now()
-        when = max(due, now)
+        # Ticks batch the due times of the next `_min_gap` (heartbeat.tick's lead),
+        # so there are at most ~100 ticks a second and none runs late by design.
+        when = max(due - self._min_gap, now, self._ticked_at + self._min_gap)
         if self._timer is not None:
             if self._timer_when <= when:
                 return
@@ -453,11 +472,12 @@ class Hub:
 
     def _tick(self) -> None:
         self._tick_pending = False
+        self._ticked_at = self.clock.now()
         heartbeat = self.heartbeat
         if heartbeat is None or not self._heartbeat_running:
             return
         now = self.clock.now()
-        result = heartbeat.tick(now)
+        result = heartbeat.tick(now, self._min_gap)
         pinged = 0
         for beat in result.ping:
             conn = beat.owner
@@ -476,7 +496,7 @@ class Hub:
             )
         due = heartbeat.next_due()
         if due is not None:
-            self._schedule(max(due, now + self._min_gap))
+            self._schedule(due)
 
     def _reap(self, beat: Beat[Connection], now: float) -> None:
         conn = beat.owner
@@ -527,6 +547,7 @@ class Hub:
         s = self.stats
         return {
             "status": "shutting_down" if self.shutting_down else "ok",
+            "pid": os.getpid(),
             "uptime": round(self.clock.now() - self.started_at, 3),
             "clients": len(self.registry),
             "heartbeat": {

@@ -20,7 +20,7 @@ from aiohttp import WSMsgType, web
 
 from tether import frames
 from tether.config import Settings
-from tether.errors import PublishError
+from tether.errors import BackplaneError, PublishError
 from tether.hub import Hub, parse_since, parse_topics
 from tether.logs import get_logger
 
@@ -188,6 +188,9 @@ class Routes:
             message = await self.hub.publish(event)
         except PublishError as exc:
             return _error(exc.status, exc.message)
+        except BackplaneError as exc:  # Redis away: nothing was published (SPEC §8)
+            log.debug("Publish refused, backplane unavailable", error=str(exc))
+            return _error(503, f"backplane unavailable: {exc}")
         return _json({"accepted": True, "topic": message.topic, "seq": message.seq}, 202)
 
     async def health(self, request: web.Request) -> web.Response:
