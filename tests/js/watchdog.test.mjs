@@ -195,3 +195,19 @@ test("a connection that never opens (server stopped) times out", () => {
   assert.equal(c.state, "reconnecting");
   assert.equal(sockets[1].closed.code, 4001);
 });
+
+test("page events are listened to only while a connection is wanted", () => {
+  const { clock, page, c, sockets } = setup();
+  c.disconnect();
+  assert.equal(page.listeners.get("visibilitychange").size, 0);
+  assert.equal(page.listeners.get("online").size, 0);
+  page.dispatch("online");
+  clock.advance(60_000);
+  assert.equal(sockets.length, 1, "no reconnect after disconnect()");
+  c.forceReconnect();
+  assert.equal(sockets.length, 2);
+  sockets[1].open();
+  sockets[1].serverClose(1001, "Server shutting down");
+  page.dispatch("online");
+  assert.equal(sockets.length, 3, "listening again after forceReconnect()");
+});

@@ -201,20 +201,14 @@ export class TetherClient {
 
   /** Start (or keep) a connection; reconnects until `disconnect()`. */
   connect() {
-    if (!this._wanted) {
-      this._wanted = true;
-      this._document?.addEventListener?.("visibilitychange", this._onVisibility);
-      this._window?.addEventListener?.("online", this._onOnline);
-    }
+    this._want(true);
     if (!this._ws && !this._retry) this._open();
     return this;
   }
 
   /** Close for good: no reconnect until `connect()` is called again. */
   disconnect(code = 1000, reason = "client disconnect") {
-    this._wanted = false;
-    this._document?.removeEventListener?.("visibilitychange", this._onVisibility);
-    this._window?.removeEventListener?.("online", this._onOnline);
+    this._want(false);
     this._cancelRetry();
     const ws = this._drop(code, reason);
     this.attempt = 0;
@@ -223,7 +217,7 @@ export class TetherClient {
 
   /** Drop the current connection and open a new one now (resuming by seq). */
   forceReconnect(reason = "force reconnect") {
-    this._wanted = true;
+    this._want(true);
     this._cancelRetry();
     this._drop(4000, reason);
     this.attempt = 0;
@@ -265,6 +259,15 @@ export class TetherClient {
   }
 
   // ---- connection
+
+  /** Whether we want a connection; page events matter only while we do. */
+  _want(wanted) {
+    if (wanted === this._wanted) return;
+    this._wanted = wanted;
+    const how = wanted ? "addEventListener" : "removeEventListener";
+    this._document?.[how]?.("visibilitychange", this._onVisibility);
+    this._window?.[how]?.("online", this._onOnline);
+  }
 
   _open() {
     this._connects += 1;
