@@ -40,6 +40,10 @@ class Settings:
     publish_token: str | None = None
     allowed_origins: tuple[str, ...] = ()
     workers: int = 1
+    max_connections: int = 10_000
+    message_rate: int = 100
+    ping_rate: int = 10
+    handshake_timeout_ms: int = 10_000
 
     @property
     def heartbeat_enabled(self) -> bool:
@@ -204,6 +208,34 @@ OPTIONS: tuple[Option, ...] = (
         "comma list of Origins allowed to open a WebSocket",
     ),
     Option("TETHER_WORKERS", "workers", _int_in(1, 64), "--workers", "processes on one port"),
+    Option(
+        "WS_MAX_CONNECTIONS",
+        "max_connections",
+        _int_in(1, 1_000_000),
+        "--max-connections",
+        "WebSocket clients at once; more get 503 at upgrade",
+    ),
+    Option(
+        "WS_MESSAGE_RATE",
+        "message_rate",
+        _int_in(1, 1_000_000),
+        "--message-rate",
+        "inbound messages a second per client (then refused, then closed 1008)",
+    ),
+    Option(
+        "WS_PING_RATE",
+        "ping_rate",
+        _int_in(1, 100_000),
+        "--ping-rate",
+        "client ping frames a second per client (extra pings are not answered)",
+    ),
+    Option(
+        "WS_HANDSHAKE_TIMEOUT",
+        "handshake_timeout_ms",
+        _int_in(100, 600_000),
+        "--handshake-timeout",
+        "ms a new TCP connection may take to send its request",
+    ),
 )
 
 

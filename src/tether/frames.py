@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 
 OP_TEXT = 0x1
+OP_BINARY = 0x2
 OP_CLOSE = 0x8
 OP_PING = 0x9
 OP_PONG = 0xA
@@ -32,6 +33,11 @@ def frame(opcode: int, payload: bytes | bytearray) -> bytes:
 def text(payload: bytes) -> bytes:
     """A text frame; `payload` must be UTF-8 (JSON from orjson always is)."""
     return frame(OP_TEXT, payload)
+
+
+def binary(payload: bytes) -> bytes:
+    """A binary frame."""
+    return frame(OP_BINARY, payload)
 
 
 def ping(payload: bytes) -> bytes:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Iterable, Mapping
+from bisect import bisect_left
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from tether.clock import Clock, SystemClock, iso, mono_to_iso
 from tether.config import Settings
 from tether.errors import PublishError
 from tether.heartbeat import Beat, Heartbeat, decode_ping_id, encode_ping_id
+from tether.limits import TokenBucket
 from tether.logs import get_logger
 from tether.message import BROADCAST_TOPIC, Message, Priority, check_topic, prepare
 from tether.outbox import Backpressure, Decision
@@ -37,16 +39,29 @@ ws_log = get_logger("websocket")
 hb_log = get_logger("heartbeat")
 
 
+# Upper bounds (seconds) of the RTT histogram buckets in /metrics.
+RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+MessageHandler = Callable[[Connection, str | bytes], Awaitable[None] | None]
+
+
+def _per_priority() -> list[int]:
+    return [0] * len(Priority)
+
+
 @dataclass(slots=True)
 class Stats:
-    """Counters shown in /health and /metrics."""
+    """Counters shown in /health and /metrics (lists are indexed by Priority)."""
 
     connections_total: int = 0
-    published: int = 0
-    delivered: int = 0
-    skipped: dict[str, int] = field(
-        default_factory=lambda: {p.name.lower(): 0 for p in Priority}
-    )
+    connections_refused: int = 0
+    published: list[int] = field(default_factory=_per_priority)
+    delivered: list[int] = field(default_factory=_per_priority)
+    skipped: list[int] = field(default_factory=_per_priority)
+    rtt_counts: list[int] = field(default_factory=lambda: [0] * (len(RTT_BUCKETS) + 1))
+    rtt_sum: float = 0.0
+    rate_limited: int = 0
+    abuse_closed: int = 0
     slow_closed: int = 0
     resumes: int = 0
     resyncs: int = 0
@@ -107,6 +122,9 @@ def parse_topics(raw: object) -> list[str]:
         raise ValueError(exc.message) from None
 
 
+_PROTOCOL_TYPES = frozenset({"ping", "subscribe", "unsubscribe", "resume"})
+
+
 def _control(obj: dict[str, Any]) -> bytes:
     return frames.text(orjson.dumps(obj))
 
@@ -146,6 +164,7 @@ class Hub:
         self._lag_expected = 0.0
         self._lag_period = 0.25
         self._closers: set[asyncio.Future[None]] = set()
+        self.message_handlers: list[MessageHandler] = []
 
     # ------------------------------------------------------------------ connections
 
@@ -207,6 +226,10 @@ class Hub:
         if beat is None or self.heartbeat is None:
             return None
         rtt = self.heartbeat.pong(beat, decode_ping_id(payload), self.clock.now())
+        if rtt is not None:
+            stats = self.stats
+            stats.rtt_counts[bisect_left(RTT_BUCKETS, rtt)] += 1
+            stats.rtt_sum += rtt
         if ws_log.debug_enabled:
             ws_log.debug(
                 "Received pong",
@@ -215,15 +238,91 @@ class Hub:
             )
         return rtt
 
+    def client_ping(self, conn: Connection, payload: bytes | bytearray) -> None:
+        """A ping frame from the client: answer it (RFC 6455 §5.5.3) within its rate."""
+        bucket = conn.ping_bucket
+        if bucket is None:
+            bucket = conn.ping_bucket = TokenBucket(
+                self.settings.ping_rate, self.settings.ping_rate, self.clock.now()
+            )
+        if bucket.take(self.clock.now()):
+            if not conn.closing and not conn.peer.is_closing():
+                conn.peer.write(frames.pong(payload))
+            return
+        self.stats.rate_limited += 1  # a ping flood gets no answers
+        if bucket.abusive:
+            self._abuse(conn, "ping flood")
+
+    def _within_rate(self, conn: Connection) -> bool:
+        bucket = conn.bucket
+        if bucket is None:
+            rate = self.settings.message_rate
+            bucket = conn.bucket = TokenBucket(rate, rate, self.clock.now())
+        if bucket.take(self.clock.now()):
+            return True
+        self.stats.rate_limited += 1
+        if bucket.abusive:
+            self._abuse(conn, "message flood")
+        elif bucket.strikes == 1:
+            self._client_error(conn, "rate limited: too many messages")
+        return False
+
+    def _abuse(self, conn: Connection, what: str) -> None:
+        self.stats.abuse_closed += 1
+        log.warn("Closing abusive client", sessionId=conn.session_id, reason=what)
+        self.close(conn, codes.Close.POLICY_VIOLATION, codes.REASONS[codes.Close.POLICY_VIOLATION])
+
+    def on_message(self, handler: MessageHandler) -> MessageHandler:
+        """Register an application handler for client messages that are not tether's own.
+
+        Text that is not a tether protocol message (ping, subscribe, unsubscribe,
+        resume) and every binary message go to the handlers, in order.
+        """
+        self.message_handlers.append(handler)
+        return handler
+
+    async def binary(self, conn: Connection, data: bytes) -> None:
+        """A binary message: for the application's handlers, else an error reply."""
+        if not self._within_rate(conn):
+            return
+        if self.message_handlers:
+            await self._to_handlers(conn, data)
+        else:
+            self._client_error(conn, "binary messages are not supported")
+
+    async def _to_handlers(self, conn: Connection, data: str | bytes) -> None:
+        for handler in self.message_handlers:
+            try:
+                result = handler(conn, data)
+                if result is not None:
+                    await result
+            except Exception:  # an application bug must not take the connection down
+                log.exception("Message handler failed", sessionId=conn.session_id)
+
+    def send(self, conn: Connection, data: str | bytes, priority: Priority = Priority.HIGH) -> bool:
+        """Send one message to one client (text for str, binary for bytes)."""
+        frame = frames.text(data.encode()) if isinstance(data, str) else frames.binary(data)
+        return self._write(conn, frame, priority)
+
     async def text(self, conn: Connection, data: str) -> None:
         """A text message from the client: the client protocol of SPEC §4, §6, §7."""
+        if not self._within_rate(conn):
+            return
         try:
             msg = orjson.loads(data)
         except orjson.JSONDecodeError:
-            self._client_error(conn, "invalid JSON")
+            if self.message_handlers:
+                await self._to_handlers(conn, data)
+            else:
+                self._client_error(conn, "invalid JSON")
             return
-        if not isinstance(msg, dict):
-            self._client_error(conn, "a message must be a JSON object")
+        if not isinstance(msg, dict) or msg.get("type") not in _PROTOCOL_TYPES:
+            if self.message_handlers:
+                await self._to_handlers(conn, data)
+            elif not isinstance(msg, dict):
+                self._client_error(conn, "a message must be a JSON object")
+            else:
+                self._client_error(conn, f"unknown message type {msg.get('type')!r}")
             return
         kind = msg.get("type")
         try:
@@ -242,10 +341,8 @@ class Hub:
                 self.registry.unsubscribe(conn, topics)
                 self.backplane.watch(set(self.registry.topics()))
                 self._send_control(conn, {"type": "unsubscribed", "topics": topics})
-            elif kind == "resume":
+            else:  # resume
                 await self.resume(conn, parse_since(msg.get("since")))
-            else:
-                self._client_error(conn, f"unknown message type {kind!r}")
         except ValueError as exc:
             self._client_error(conn, str(exc))
 
@@ -298,7 +395,7 @@ class Hub:
             limit = self.settings.max_message
             raise PublishError(413, f"event is larger than WS_MAX_MESSAGE ({limit} bytes)")
         message = await self.backplane.publish(prepared)
-        self.stats.published += 1
+        self.stats.published[message.priority] += 1
         return message
 
     def deliver(self, message: Message) -> None:
@@ -325,11 +422,11 @@ class Hub:
         priority = Priority.HIGH if replay else message.priority
         if self._write(conn, frame, priority):
             conn.last_seq[topic] = message.seq
-            self.stats.delivered += 1
+            self.stats.delivered[message.priority] += 1
             if replay:
                 self.stats.replayed += 1
         elif not conn.closing:
-            self.stats.skipped[message.priority.name.lower()] += 1
+            self.stats.skipped[message.priority] += 1
             conn.skipped += 1
             # A skipped message is gone for this client: resume will not resend it.
             conn.last_seq[topic] = message.seq
@@ -565,10 +662,12 @@ class Hub:
                 "stalls": s.loop_stalls,
             },
             "messages": {
-                "published": s.published,
-                "delivered": s.delivered,
+                "published": sum(s.published),
+                "delivered": sum(s.delivered),
                 "replayed": s.replayed,
-                "skipped": dict(s.skipped),
+                "skipped": {p.name.lower(): s.skipped[p] for p in Priority},
+                "rateLimited": s.rate_limited,
+                "abuseClosed": s.abuse_closed,
                 "slowClosed": s.slow_closed,
                 "resumes": s.resumes,
                 "resyncs": s.resyncs,

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from tether.heartbeat import Beat
+from tether.limits import TokenBucket
 from tether.message import BROADCAST_TOPIC, Message
 
 
@@ -30,6 +31,7 @@ class Connection:
 
     __slots__ = (
         "beat",
+        "bucket",
         "close_code",
         "close_reason",
         "closing",
@@ -38,6 +40,7 @@ class Connection:
         "paused",
         "peer",
         "pending",
+        "ping_bucket",
         "remote",
         "session_id",
         "skipped",
@@ -57,6 +60,8 @@ class Connection:
         self.close_code: int | None = None  # set when the server closed it
         self.close_reason = ""
         self.beat: Beat[Connection] | None = None
+        self.bucket: TokenBucket | None = None  # inbound message rate, made on first use
+        self.ping_bucket: TokenBucket | None = None
         # While a resume replays history, live messages wait here (None = live).
         self.pending: list[Message] | None = None
 

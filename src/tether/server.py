@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import WSMsgType, web
 
-from tether import frames
+from tether import metrics
 from tether.config import Settings
 from tether.errors import BackplaneError, PublishError
 from tether.hub import Hub, parse_since, parse_topics
@@ -112,6 +112,11 @@ class Routes:
         hub = self.hub
         if hub.shutting_down:
             return _error(503, "server shutting down")
+        if len(hub.registry) >= self.settings.max_connections:
+            hub.stats.connections_refused += 1
+            log.warn("Connection refused, limit reached", limit=self.settings.max_connections,
+                     remote=request.remote)
+            return _error(503, "too many connections")
         if not origin_allowed(
             request.headers.get("Origin"), request.host, self.settings.allowed_origins
         ):
@@ -150,11 +155,10 @@ class Routes:
                     hub.pong(conn, msg.data)
                 elif kind is WSMsgType.PING:
                     hub.seen(conn)
-                    if not conn.closing and not transport.is_closing():
-                        transport.write(frames.pong(msg.data))  # RFC 6455 §5.5.3
+                    hub.client_ping(conn, msg.data)
                 elif kind is WSMsgType.BINARY:
                     hub.seen(conn)
-                    await hub.text(conn, "")  # answered with {"type":"error"}
+                    await hub.binary(conn, msg.data)
                 elif kind is WSMsgType.CLOSE:
                     code, reason = msg.data, msg.extra or ""
                     break
@@ -196,6 +200,10 @@ class Routes:
     async def health(self, request: web.Request) -> web.Response:
         return _json(self.hub.health())
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(self.hub),
+                            headers={"Content-Type": metrics.CONTENT_TYPE})
+
     async def connections(self, request: web.Request) -> web.Response:
         conns = self.hub.connections()
         return _json({"count": len(conns), "connections": conns})
@@ -224,4 +232,5 @@ def build_app(hub: Hub, settings: Settings) -> web.Application:
     app.router.add_post("/event", routes.event)
     app.router.add_get("/health", routes.health)
     app.router.add_get("/api/connections", routes.connections)
+    app.router.add_get("/metrics", routes.metrics)
     return app
