@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -432,3 +433,42 @@ async def test_client_answers_protocol_pings(clients: list[Client]) -> None:
         assert not server.find("Closing stale connection")
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_a_small_iterator_buffer_slows_reading_but_loses_nothing(
+    start_tether: StartTether, clients: list[Client]
+) -> None:
+    t = await start_tether()
+    for _ in range(3):
+        await t.publish({"type": "old", "topic": "a"})
+    # since=a:1 in the URL: the client starts from there (seq 2 and 3 are replayed).
+    client = Client(f"ws://127.0.0.1:{t.port}/ws?topics=a&since=a:1", queue_size=2)
+    clients.append(client)
+    await client.start()
+    await client.wait_connected(5)
+    for _ in range(20):
+        await t.publish({"type": "new", "topic": "a"})
+    await asyncio.sleep(0.1)
+    assert client._queue.qsize() <= 2  # the reader waits for room
+    got = [(await anext(client))["seq"] for _ in range(22)]
+    assert got == list(range(2, 24))
+
+
+async def test_close_returns_promptly_during_a_handshake_that_never_finishes(
+    clients: list[Client],
+) -> None:
+    with socket.socket() as listener:  # accepts TCP, never answers HTTP
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = Client(f"ws://127.0.0.1:{port}/ws", connect_timeout=30, close_timeout=0.3)
+        clients.append(client)
+        states: list[State] = []
+        client.on_state = lambda s: states.append(s.state)
+        await client.start()
+        await asyncio.sleep(0.2)
+        assert states == [State.CONNECTING]
+        t0 = time.monotonic()
+        await client.close()
+        assert time.monotonic() - t0 < 1.0
+        assert states[-1] is State.DISCONNECTED

@@ -401,12 +401,18 @@ class Client:
         """Disconnect for good; the iterator ends after the messages it holds."""
         self._closing = True
         self._wake.set()
+        self._drained.set()  # a reader waiting for room in the iterator's buffer
         ws = self._ws
         if ws is not None:
             await self._close_ws(ws)
-        if self._task is not None:
+        task = self._task
+        if task is not None:
+            # A handshake under way (or a slow callback) ends within close_timeout.
+            done, _ = await asyncio.wait({task}, timeout=self.close_timeout)
+            if not done:
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         if self._session is not None:
             await self._session.close()
             self._session = None

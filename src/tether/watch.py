@@ -44,7 +44,7 @@ class Watcher:
         if msg.get("type") == "resync" and msg.keys() <= {"type", "topic", "seq"}:
             self.resyncs += 1
             self.line(f"resync topic={msg.get('topic')} seq={msg.get('seq')} "
-                      "(messages older than the history are gone: refetch state)")
+                      "(the server cannot replay the gap: refetch state)")
             return
         self.messages += 1
         self.line(f"message {orjson.dumps(msg).decode()}")
