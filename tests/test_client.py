@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import StartTether
-from tests.support import ServerProcess
+from tests.support import ServerProcess, free_port
 from tether.client import (
     Backoff,
     Client,
@@ -30,6 +30,7 @@ from tether.client import (
     overslept,
     ws_url,
 )
+from tether.clock import SystemClock
 from tether.errors import PublishError
 
 # ---------------------------------------------------------------------------- backoff
@@ -472,3 +473,35 @@ async def test_close_returns_promptly_during_a_handshake_that_never_finishes(
         await client.close()
         assert time.monotonic() - t0 < 1.0
         assert states[-1] is State.DISCONNECTED
+
+
+class JumpingClock(SystemClock):
+    """The real clocks, with a wall clock a test can move forward (a suspended laptop)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def wall(self) -> float:
+        return time.time() + self.offset
+
+
+async def test_backoff_starts_over_after_a_pause_that_overslept(clients: list[Client]) -> None:
+    clock = JumpingClock()
+    attempts: list[int] = []
+    five = asyncio.Event()
+
+    def on_state(change: StateChange) -> None:
+        if change.state is State.RECONNECTING:
+            attempts.append(change.attempt)
+            if change.attempt == 3:
+                clock.offset += 3600  # this pause "takes" an hour
+            if len(attempts) == 5:
+                five.set()
+
+    client = Client(f"ws://127.0.0.1:{free_port()}/ws", on_state=on_state, iterate=False,
+                    backoff_base=0.01, backoff_cap=0.02, sleep_slack=5.0, clock=clock)
+    clients.append(client)
+    await client.start()
+    async with asyncio.timeout(5):
+        await five.wait()
+    assert attempts[:5] == [1, 2, 3, 1, 2]

@@ -504,11 +504,11 @@ class Client:
                     self._skip_delay = False
                     continue
                 delay = self.backoff.next_delay()
+                started = self.clock.wall()
                 await self._set_state(StateChange(
                     State.RECONNECTING, self.backoff.attempt, delay, reason, up_for,
                     self.session_id,
                 ))
-                started = self.clock.wall()
                 await self._pause(delay)
                 if overslept(delay, self.clock.wall() - started, self.sleep_slack):
                     self.backoff.reset()
