@@ -189,6 +189,14 @@ def test_half_open_server_is_detected_by_the_watchdog(page: Page) -> None:
         )
         time.sleep(0.5)  # a few answered liveness pings: no false alarm while healthy
         assert page.evaluate("window.tether.state") == "connected"
+        page.evaluate(  # what the page shows, every change (a retry may start at once)
+            """() => {
+              window.shown = [];
+              const el = document.getElementById('state');
+              new MutationObserver(() => window.shown.push(el.textContent))
+                .observe(el, {childList: true, characterData: true, subtree: true});
+            }"""
+        )
         server.signal(signal.SIGSTOP)  # the kernel keeps the TCP connection: half-open
         stopped = time.monotonic()
         page.wait_for_function("window.tether.state === 'reconnecting'", timeout=4000)
@@ -196,7 +204,7 @@ def test_half_open_server_is_detected_by_the_watchdog(page: Page) -> None:
         assert detected < 0.3 + 0.7 + 1.0, f"detected after {detected:.2f}s"
         last = page.evaluate("window.tetherStates.filter(s => s.state === 'reconnecting')[0]")
         assert last["reason"] == "liveness timeout"
-        assert "reconnecting" in page.inner_text("#state")
+        assert page.evaluate("window.shown")[0] == "reconnecting (attempt 1)"
         time.sleep(1.5)  # retries meanwhile hang on the stopped server and time out
         assert page.evaluate("window.tether.state") != "connected"
         server.signal(signal.SIGCONT)
