@@ -126,6 +126,11 @@ def test_dashboard_connects_shows_events_rtt_and_counters(
     page.click('#publish-form button[type="submit"]')
     page.locator('#feed tr[data-topic="demo"][data-seq="3"]').wait_for(timeout=3000)
     assert "accepted: demo #3" in page.inner_text("#publish-result")
+    # To a topic the page did not watch yet: it subscribes first, and shows it.
+    page.fill('#publish-form input[name="topic"]', "alerts")
+    page.click('#publish-form button[type="submit"]')
+    page.locator('#feed tr[data-topic="alerts"][data-seq="1"]').wait_for(timeout=3000)
+    page.fill('#publish-form input[name="topic"]', "demo")
 
     # Server counters from /health.
     page.wait_for_function(
@@ -140,6 +145,7 @@ def test_dashboard_connects_shows_events_rtt_and_counters(
     page.wait_for_function("parseInt(document.getElementById('rtt-count').textContent) >= 12",
                            timeout=6000)
     OUTPUT.mkdir(exist_ok=True)
+    page.evaluate("document.activeElement && document.activeElement.blur()")
     page.screenshot(path=str(OUTPUT / "dashboard.png"), full_page=True)
 
 
