@@ -17,7 +17,7 @@ from tether.backplane.base import Backplane
 from tether.backplane.memory import MemoryBackplane
 from tether.clock import Clock
 from tether.config import Settings
-from tether.errors import ConfigError
+from tether.errors import BackplaneError
 from tether.hub import Hub
 from tether.lifecycle import Handler, Lifecycle
 from tether.logs import get_logger
@@ -30,7 +30,9 @@ log = get_logger("main")
 def make_backplane(settings: Settings) -> Backplane:
     """The in-memory backplane, or Redis when REDIS_URL is set."""
     if settings.redis_url:
-        raise ConfigError("REDIS_URL", "is set, but the Redis backplane is not built yet")
+        from tether.backplane.redis import RedisBackplane  # only Redis users import redis
+
+        return RedisBackplane(settings.redis_url, settings.history_size)
     return MemoryBackplane(settings.history_size)
 
 
@@ -134,13 +136,23 @@ def _bound_port(runner: web.AppRunner, asked: int) -> int:
 
 
 async def serve(settings: Settings) -> int:
-    """Run one server process until a signal; the exit status."""
+    """Run one server process until a signal; the exit status (2: could not start)."""
+    from tether.workers import ready
+
     tether = Tether(settings)
+    tether.lifecycle.install_signals()
     try:
-        return await tether.run()
+        await tether.start()
+    except BackplaneError as exc:
+        log.error("Cannot start the backplane", backplane=tether.backplane.name, error=str(exc))
+        return 2
     except OSError as exc:
         log.error("Cannot listen", host=settings.host, port=settings.port, error=str(exc))
+        await tether.backplane.stop()
         return 2
+    ready()  # tells a `--workers` parent that this process is listening
+    name = await tether.lifecycle.wait()
+    return 0 if await tether.lifecycle.shutdown(name) else 1
 
 
 def run(settings: Settings) -> int:

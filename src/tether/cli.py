@@ -56,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"tether: configuration error: {exc}", file=sys.stderr)
             return 2
         logs.setup(settings.log_level)
+        from tether import workers
+
+        if workers.supervising(settings):
+            return workers.run(settings, overrides)
         from tether.app import run
 
         return run(settings)

@@ -1,0 +1,89 @@
+"""A real `redis-server` for the tests: started as a subprocess, stopped by its PID.
+
+The server listens on a free TCP port of 127.0.0.1 (so that a test can stop it
+and start it again on the same port, as an outage does) with persistence off:
+a restart loses every key, like a Redis without AOF that crashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.support import free_port
+
+
+class RedisServer:
+    """One redis-server process; `url` is what REDIS_URL takes."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="tether-redis-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 5.0) -> RedisServer:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed (apt-get install -y redis-server)"
+        with open(self.dir / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--unixsocket", str(self.dir / "redis.sock"), "--unixsocketperm", "700",
+                 "--dir", str(self.dir), "--save", "", "--appendonly", "no"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log = (self.dir / "redis.log").read_text(errors="replace")
+                raise AssertionError(f"redis-server exited ({self.proc.returncode}):\n{log}")
+            if self.ping():
+                return self
+            time.sleep(0.01)
+        raise AssertionError(f"redis-server not ready on port {self.port} within {timeout}s")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM to this server's PID only, and wait for it."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_redis() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+

@@ -1,0 +1,283 @@
+"""The backplane contract (SPEC §6–8): one suite, run against every implementation.
+
+A `Cluster` adapts one implementation: the nodes that share its store (the memory
+backplane has one node; Redis gets two processes' worth, in this process), a
+wipe of the store (a numbering restart) and `settle`, which waits until watch
+changes are in effect. Every test below runs unchanged against each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.redis_server import RedisServer, running_redis
+from tether.backplane.base import Backplane
+from tether.backplane.memory import MemoryBackplane
+from tether.backplane.redis import RedisBackplane
+from tether.message import Message, Priority, prepare
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for this module's tests (each uses its own keys)."""
+    with running_redis() as server:
+        yield server
+
+
+class Node:
+    """One backplane and what it delivered."""
+
+    def __init__(self, backplane: Backplane) -> None:
+        self.backplane = backplane
+        self.delivered: list[Message] = []
+
+    def deliver(self, message: Message) -> None:
+        self.delivered.append(message)
+
+    def seqs(self, topic: str) -> list[int]:
+        return [m.seq for m in self.delivered if m.topic == topic]
+
+    async def wait_for(self, topic: str, count: int, timeout: float = 3.0) -> list[Message]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = [m for m in self.delivered if m.topic == topic]
+            if len(got) >= count:
+                return got
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"{topic}: {len(self.seqs(topic))} of {count} delivered")
+
+
+class Cluster(ABC):
+    """The nodes of one implementation that share one store."""
+
+    size = 1
+    history_size = 0
+
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+
+    async def start(self, history_size: int = 100) -> list[Node]:
+        self.history_size = history_size
+        self.nodes = []
+        for _ in range(self.size):
+            node = Node(self.make(history_size))
+            await node.backplane.start(node.deliver)
+            self.nodes.append(node)
+        return self.nodes
+
+    @abstractmethod
+    def make(self, history_size: int) -> Backplane: ...
+
+    async def restart(self) -> list[Node]:
+        """The store loses everything (a restart without persistence); new nodes."""
+        await self.close()
+        await self.wipe()
+        return await self.start(self.history_size)
+
+    async def wipe(self) -> None:
+        return None
+
+    async def settle(self) -> None:
+        """Until every node reads the topics it was told to watch."""
+        return None
+
+    async def close(self) -> None:
+        for node in self.nodes:
+            await node.backplane.stop()
+
+
+class MemoryCluster(Cluster):
+    def make(self, history_size: int) -> Backplane:
+        return MemoryBackplane(history_size)
+
+
+class RedisCluster(Cluster):
+    size = 2
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+        self.prefix = f"test:{uuid.uuid4().hex[:8]}:"
+
+    def make(self, history_size: int) -> Backplane:
+        return RedisBackplane(self.url, history_size, prefix=self.prefix)
+
+    async def wipe(self) -> None:
+        client = aioredis.Redis.from_url(self.url)
+        try:
+            keys = [k async for k in client.scan_iter(match=self.prefix + "*")]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
+
+    async def settle(self) -> None:
+        deadline = time.monotonic() + 3
+        while any(n.backplane.state()["pending"] for n in self.nodes):
+            assert time.monotonic() < deadline, "watch not in effect within 3 s"
+            await asyncio.sleep(0.005)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+    c: Cluster
+    if request.param == "memory":
+        c = MemoryCluster()
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        c = RedisCluster(server.url)
+    yield c
+    await c.close()
+    await c.wipe()
+
+
+async def publish(node: Node, topic: str, n: int = 1, **extra: object) -> list[Message]:
+    out = []
+    for i in range(n):
+        event = {"type": "note", "topic": topic, "payload": {"i": i}, **extra}
+        out.append(await node.backplane.publish(prepare(event)))
+    return out
+
+
+async def watch(cluster: Cluster, topics: set[str]) -> None:
+    for node in cluster.nodes:
+        node.backplane.watch(topics)
+    await cluster.settle()
+
+
+async def test_seq_counts_1_2_3_per_topic_independently(cluster: Cluster) -> None:
+    nodes = await cluster.start()
+    got = []
+    for i, topic in enumerate(["a", "a", "b", "a", "b", "*"]):
+        node = nodes[i % len(nodes)]
+        got.append((await publish(node, topic))[0])
+    assert [(m.topic, m.seq) for m in got] == [
+        ("a", 1), ("a", 2), ("b", 1), ("a", 3), ("b", 2), ("*", 1)]
+    assert got[0].data == b'{"type":"note","payload":{"i":0},"topic":"a","seq":1}'
+
+
+async def test_concurrent_publishes_get_distinct_consecutive_seqs(cluster: Cluster) -> None:
+    nodes = await cluster.start()
+    results = await asyncio.gather(*(publish(nodes[i % len(nodes)], "t") for i in range(60)))
+    assert sorted(m[0].seq for m in results) == list(range(1, 61))
+
+
+async def test_since_returns_exactly_the_missed_messages_in_order(cluster: Cluster) -> None:
+    nodes = await cluster.start(history_size=100)
+    published = await publish(nodes[0], "t", 10)
+    await publish(nodes[-1], "other", 3)
+    replay = await nodes[-1].backplane.since("t", 4)
+    assert not replay.resync and replay.last == 10
+    assert [m.data for m in replay.items] == [m.data for m in published[4:]]
+    assert [m.priority for m in replay.items] == [Priority.NORMAL] * 6
+    assert [m.seq for m in (await nodes[0].backplane.since("t", 0)).items] == list(range(1, 11))
+    caught_up = await nodes[0].backplane.since("t", 10)
+    assert caught_up.items == [] and not caught_up.resync and caught_up.last == 10
+    empty = await nodes[0].backplane.since("never", 0)
+    assert empty.items == [] and not empty.resync and empty.last == 0
+
+
+async def test_history_is_bounded_to_history_size(cluster: Cluster) -> None:
+    nodes = await cluster.start(history_size=5)
+    await publish(nodes[0], "t", 12)
+    within = await nodes[-1].backplane.since("t", 7)
+    assert [m.seq for m in within.items] == [8, 9, 10, 11, 12] and not within.resync
+    too_old = await nodes[-1].backplane.since("t", 6)
+    assert too_old.resync and too_old.items == [] and too_old.last == 12
+
+
+async def test_no_history_means_resync_for_any_gap(cluster: Cluster) -> None:
+    nodes = await cluster.start(history_size=0)
+    await publish(nodes[0], "t", 3)
+    assert (await nodes[0].backplane.since("t", 2)).resync
+    assert not (await nodes[0].backplane.since("t", 3)).resync
+
+
+async def test_resync_when_the_client_saw_numbers_never_assigned(cluster: Cluster) -> None:
+    nodes = await cluster.start()
+    await publish(nodes[0], "t", 2)
+    replay = await nodes[0].backplane.since("t", 5)
+    assert replay.resync and replay.last == 2
+
+
+async def test_resync_after_a_numbering_restart(cluster: Cluster) -> None:
+    nodes = await cluster.start()
+    await publish(nodes[0], "t", 3)
+    nodes = await cluster.restart()
+    replay = await nodes[-1].backplane.since("t", 3)
+    assert replay.resync and replay.last == 0
+    assert (await publish(nodes[0], "t"))[0].seq == 1
+
+
+async def test_deliver_is_called_once_per_message_in_seq_order(cluster: Cluster) -> None:
+    nodes = await cluster.start()
+    await watch(cluster, {"a", "b"})
+    for i in range(40):
+        await publish(nodes[i % len(nodes)], "a" if i % 3 else "b")
+    for node in nodes:
+        assert [m.seq for m in await node.wait_for("a", 26)] == list(range(1, 27))
+        assert [m.seq for m in await node.wait_for("b", 14)] == list(range(1, 15))
+    await asyncio.sleep(0.05)  # nothing more comes
+    for node in nodes:
+        assert len(node.seqs("a")) == 26 and len(node.seqs("b")) == 14
+
+
+async def test_every_node_gets_identical_bytes(cluster: Cluster) -> None:
+    nodes = await cluster.start()
+    await watch(cluster, {"t"})
+    published = []
+    for node in nodes:
+        published += await publish(node, "t", 3, priority="low", payload={"é": [1, 2.5, None]})
+    for node in nodes:
+        got = await node.wait_for("t", len(published))
+        assert [(m.seq, m.priority, m.data) for m in got] == [
+            (m.seq, m.priority, m.data) for m in published]
+        assert all(m.priority is Priority.LOW for m in got)
+
+
+async def test_broadcast_topic_is_always_delivered(cluster: Cluster) -> None:
+    nodes = await cluster.start()
+    await watch(cluster, set())
+    await publish(nodes[0], "*", 2)
+    for node in nodes:
+        assert [m.seq for m in await node.wait_for("*", 2)] == [1, 2]
+
+
+async def test_watching_a_topic_delivers_what_is_published_after(cluster: Cluster) -> None:
+    nodes = await cluster.start()
+    await publish(nodes[0], "late", 3)  # before anyone watches: never delivered late
+    await watch(cluster, {"late"})
+    await publish(nodes[-1], "late", 2)
+    for node in nodes:
+        got = await node.wait_for("late", 2)
+        assert [m.seq for m in got][-2:] == [4, 5]
+    # Unwatched and watched again: delivery goes on in order, never backwards.
+    await watch(cluster, set())
+    await publish(nodes[0], "late", 2)
+    await watch(cluster, {"late"})
+    await publish(nodes[0], "late", 1)
+    for node in nodes:
+        await node.wait_for("late", 3)
+        seqs = node.seqs("late")
+        assert seqs == sorted(set(seqs)) and seqs[-1] == 8
+
+
+async def test_replay_then_live_leaves_no_gap(cluster: Cluster) -> None:
+    """A resuming client: `since` then live delivery covers every seq exactly once."""
+    nodes = await cluster.start()
+    await publish(nodes[0], "r", 5)
+    node = nodes[-1]
+    node.backplane.watch({"r"})
+    replay = await node.backplane.since("r", 2)
+    more = await publish(nodes[0], "r", 3)
+    await node.wait_for("r", 3)
+    live = [m.seq for m in node.delivered if m.topic == "r" and m.seq > replay.last]
+    assert [m.seq for m in replay.items] + live == list(range(3, 9))
+    assert more[-1].seq == 8

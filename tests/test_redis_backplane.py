@@ -1,0 +1,136 @@
+"""The Redis backplane's faults (SPEC §8), against a real redis-server it stops and starts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.redis_server import RedisServer, running_redis
+from tests.support import free_port
+from tether.backplane.redis import PUBLISH_LUA, RedisBackplane, redact
+from tether.errors import BackplaneError
+from tether.message import Message, prepare
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for this module's tests (each uses its own keys)."""
+    with running_redis() as server:
+        yield server
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test alone: it may be stopped and started again."""
+    with running_redis() as server:
+        yield server
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def event(topic: str, i: int = 0) -> object:
+    return {"type": "note", "topic": topic, "payload": {"i": i}}
+
+
+def test_redact_hides_the_password() -> None:
+    assert redact("redis://u:secret@h:6379/0") == "redis://u:***@h:6379/0"
+    assert redact("redis://:secret@h") == "redis://***@h"
+    assert redact("redis://h:1") == "redis://h:1"
+
+
+async def test_unreachable_redis_at_start_up_is_a_clear_error() -> None:
+    port = free_port()  # nothing listens there
+    backplane = RedisBackplane(f"redis://127.0.0.1:{port}", 10, connect_timeout=0.5)
+    with pytest.raises(BackplaneError, match=f"cannot reach Redis at redis://127.0.0.1:{port}"):
+        await backplane.start(lambda m: None)
+    assert backplane.state()["status"] == "stopped"
+
+
+async def test_start_up_retry_waits_for_redis() -> None:
+    server = RedisServer()
+    backplane = RedisBackplane(server.url, 10, startup_retry=10.0)
+    starting = asyncio.create_task(backplane.start(lambda m: None))
+    await asyncio.sleep(0.3)
+    assert not starting.done()
+    await asyncio.to_thread(server.start)
+    try:
+        await asyncio.wait_for(starting, 5)
+        assert backplane.state()["status"] == "up"
+        await backplane.stop()
+    finally:
+        server.close()
+
+
+async def test_outage_publish_fails_node_recovers_and_renumbers(
+    private_redis: RedisServer,
+) -> None:
+    got: list[Message] = []
+    node = RedisBackplane(private_redis.url, 100)
+    await node.start(got.append)
+    try:
+        node.watch({"t"})
+        await until(lambda: node.state()["pending"] == 0)
+        for i in range(3):
+            await node.publish(prepare(event("t", i)))
+        await until(lambda: len(got) == 3)
+
+        await asyncio.to_thread(private_redis.stop)
+        await until(lambda: node.state()["status"] == "down")
+        with pytest.raises(BackplaneError, match="Redis unavailable"):
+            await node.publish(prepare(event("t")))
+        replay = await node.since("t", 2)  # no history without Redis: resync
+        assert replay.resync and replay.last == 2
+
+        await asyncio.to_thread(private_redis.start)  # empty: it had no persistence
+        await until(lambda: node.state()["status"] == "up", timeout=8)
+        assert node.state()["outages"] == 1
+        # Every watched topic gets a renumbering notice (empty data, seq 0) ...
+        await until(lambda: {(m.topic, m.seq) for m in got if not m.data} == {("t", 0), ("*", 0)})
+        message = await node.publish(prepare(event("t", 9)))
+        assert message.seq == 1  # ... because the numbering restarted
+        await until(lambda: got[-1].seq == 1 and got[-1].data == message.data)
+    finally:
+        await node.stop()
+
+
+async def test_messages_trimmed_while_away_become_a_resync_notice(
+    redis_server: RedisServer,
+) -> None:
+    prefix = f"test:{uuid.uuid4().hex[:8]}:"
+    got: list[Message] = []
+    node = RedisBackplane(redis_server.url, 100, prefix=prefix)
+    await node.start(got.append)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        node.watch({"t"})
+        await until(lambda: node.state()["pending"] == 0)
+        for i in range(3):
+            await node.publish(prepare(event("t", i)))
+        await until(lambda: len(got) == 3)
+        # Cut the node off, publish 5 more and trim the stream to 2 before it is back.
+        pipe = raw.pipeline(transaction=False)
+        pipe.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        for i in range(5):
+            pipe.execute_command("EVAL", PUBLISH_LUA, 2, f"{prefix}seq:t", f"{prefix}log:t",
+                                 1000, 1, f'{{"type":"note","payload":{{"i":{i}}}}}')
+        pipe.execute_command("XTRIM", f"{prefix}log:t", "MAXLEN", 2)
+        await pipe.execute()
+        await until(lambda: len(got) >= 6)
+        assert [(m.seq, bool(m.data)) for m in got] == [
+            (1, True), (2, True), (3, True), (6, False), (7, True), (8, True)]
+        assert node.state()["resyncs"] == 1
+    finally:
+        await raw.aclose()
+        await node.stop()

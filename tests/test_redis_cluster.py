@@ -1,0 +1,326 @@
+"""Several tether processes on one Redis (SPEC §8): fan-out, resume from any node, workers,
+and a Redis outage. Real processes, real sockets on 127.0.0.1, a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.redis_server import RedisServer, running_redis
+from tests.support import ROOT, ServerProcess, free_port
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for this module's tests (each uses its own keys)."""
+    with running_redis() as server:
+        yield server
+
+
+class Client:
+    """A WebSocket client that records every JSON message it gets."""
+
+    def __init__(self, session: aiohttp.ClientSession, node: ServerProcess, query: str) -> None:
+        self.session = session
+        self.node = node
+        self.query = query
+        self.got: list[dict[str, Any]] = []
+        self.closed_by_server: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+
+    async def connect(self) -> Client:
+        self.ws = await self.session.ws_connect(f"{self.node.ws_url}?{self.query}", autoping=True)
+        hello = await self.ws.receive_json(timeout=5)
+        assert hello["type"] == "connected"
+        self._task = asyncio.create_task(self._read(self.ws))
+        return self
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                self.got.append(json.loads(msg.data))
+        self.closed_by_server = ws.close_code
+
+    def messages(self, topic: str) -> list[dict[str, Any]]:
+        return [m for m in self.got if m.get("topic") == topic and m["type"] != "resync"]
+
+    def resyncs(self, topic: str) -> list[dict[str, Any]]:
+        return [m for m in self.got if m["type"] == "resync" and m["topic"] == topic]
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self._task is not None:
+            await self._task
+
+
+async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
+        await asyncio.sleep(0.02)
+
+
+async def health(session: aiohttp.ClientSession, node: ServerProcess) -> dict[str, Any]:
+    async with session.get(f"{node.url}/health") as r:
+        body: dict[str, Any] = await r.json()
+        return body
+
+
+async def watching(session: aiohttp.ClientSession, nodes: list[ServerProcess], count: int) -> None:
+    """Until every node reads `count` topic streams (its subscriptions are in effect)."""
+    deadline = time.monotonic() + 5
+    for node in nodes:
+        while True:
+            bp = (await health(session, node))["backplane"]
+            if bp["pending"] == 0 and bp["watched"] >= count:
+                break
+            assert time.monotonic() < deadline, f"node {node.port} watches {bp}"
+            await asyncio.sleep(0.02)
+
+
+async def post(session: aiohttp.ClientSession, node: ServerProcess, event: dict[str, Any]
+               ) -> tuple[int, dict[str, Any]]:
+    async with session.post(f"{node.url}/event", json=event) as r:
+        return r.status, await r.json()
+
+
+@contextlib.contextmanager
+def nodes(url: str, count: int, **env: str) -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    try:
+        for _ in range(count):
+            started.append(ServerProcess(
+                env={"REDIS_URL": url, "LOG_LEVEL": "info", **env}).start())
+        yield started
+    finally:
+        for node in started:
+            node.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def check_in_order(client: Client, topic: str, expected: int) -> None:
+    seqs = [m["seq"] for m in client.messages(topic)]
+    assert seqs == list(range(1, expected + 1)), (
+        f"{topic} on node {client.node.port}: {len(seqs)} of {expected}")
+
+
+async def test_three_nodes_deliver_1000_messages_exactly_once_in_order(
+    redis_server: RedisServer, session: aiohttp.ClientSession,
+) -> None:
+    with nodes(redis_server.url, 3, HISTORY_SIZE="2000") as procs:
+        clients = []
+        for node in procs:
+            clients.append(await Client(session, node, "topics=a,b").connect())
+            clients.append(await Client(session, node, "topics=c").connect())
+        await watching(session, procs, 4)  # a, b, c and *
+
+        topics = ["a", "b", "c", "*"]
+        rng = random.Random(7)
+        plan = [(rng.choice(procs), rng.choice(topics), i) for i in range(1000)]
+        accepted: dict[str, int] = dict.fromkeys(topics, 0)
+        sem = asyncio.Semaphore(16)
+
+        async def send(node: ServerProcess, topic: str, i: int) -> None:
+            async with sem:
+                status, body = await post(session, node, {"type": "n", "topic": topic, "i": i})
+            assert status == 202, body
+            accepted[topic] += 1
+
+        await asyncio.gather(*(send(*p) for p in plan))
+        assert sum(accepted.values()) == 1000
+
+        def wanted(c: Client) -> int:
+            return sum(accepted[t] for t in (["a", "b", "*"] if "a,b" in c.query else ["c", "*"]))
+
+        await until(lambda: all(len(c.got) >= wanted(c) for c in clients), 20, "delivery")
+        await asyncio.sleep(0.2)  # and nothing more (no duplicates)
+        for c in clients:
+            assert len(c.got) == wanted(c)
+            for topic in (["a", "b", "*"] if "a,b" in c.query else ["c", "*"]):
+                check_in_order(c, topic, accepted[topic])
+        for c in clients:
+            await c.close()
+
+
+async def test_client_cut_off_on_one_node_resumes_on_another(
+    redis_server: RedisServer, session: aiohttp.ClientSession,
+) -> None:
+    with nodes(redis_server.url, 3) as (a, b, c):
+        client = await Client(session, a, "topics=r").connect()
+        await watching(session, [a], 2)
+        for i in range(10):
+            assert (await post(session, c, {"type": "n", "topic": "r", "i": i}))[0] == 202
+        await until(lambda: len(client.messages("r")) == 10, 5, "first 10")
+        assert client.ws is not None
+        client.ws._response.connection.transport.abort()  # type: ignore[union-attr]  # cut off
+        await client.close()
+
+        # Publishing goes on, to every node, while the client is away and while it
+        # resumes on B: replay and live delivery must join without a gap.
+        async def publisher() -> int:
+            sent = 0
+            for i in range(60):
+                node = (a, b, c)[i % 3]
+                assert (await post(session, node, {"type": "n", "topic": "r", "i": i}))[0] == 202
+                sent += 1
+                await asyncio.sleep(0.005)
+            return sent
+
+        task = asyncio.create_task(publisher())
+        await asyncio.sleep(0.1)
+        last = client.messages("r")[-1]["seq"]
+        resumed = await Client(session, b, f"since=r:{last}").connect()
+        sent = await task
+        total = 10 + sent
+        await until(lambda: len(resumed.messages("r")) >= total - last, 10, "resume")
+        await asyncio.sleep(0.1)
+        seqs = [m["seq"] for m in client.messages("r") + resumed.messages("r")]
+        assert seqs == list(range(1, total + 1))
+        assert resumed.resyncs("r") == []
+        await resumed.close()
+
+
+async def test_workers_share_one_port_and_all_get_a_publish(
+    redis_server: RedisServer, session: aiohttp.ClientSession,
+) -> None:
+    server = ServerProcess(env={"REDIS_URL": redis_server.url, "LOG_LEVEL": "info",
+                                "TETHER_WORKERS": "2"})
+    server.start()
+    try:
+        ready = server.wait_for("Workers ready")
+        pids = set(ready["data"]["pids"])
+        assert len(pids) == 2
+        clients = [await Client(session, server, "topics=w").connect() for _ in range(24)]
+        # Which process holds which clients: /health over fresh connections.
+        seen: dict[int, int] = {}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            for _ in range(60):
+                h = await health(s, server)
+                seen[h["pid"]] = h["clients"]
+                if len(seen) == 2:
+                    break
+        assert set(seen) == pids, seen
+        assert all(n > 0 for n in seen.values()) and sum(seen.values()) == 24, seen
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            deadline = time.monotonic() + 5
+            ok: set[int] = set()
+            while ok != pids:  # both processes read topic w
+                h = await health(s, server)
+                if h["backplane"]["pending"] == 0 and h["backplane"]["watched"] == 2:
+                    ok.add(h["pid"])
+                assert time.monotonic() < deadline
+        assert (await post(session, server, {"type": "n", "topic": "w"}))[0] == 202
+        await until(lambda: all(len(c.messages("w")) == 1 for c in clients), 5, "fan-out")
+        for c in clients:
+            await c.close()
+    finally:
+        status = server.stop()
+    assert status == 0
+    for pid in pids:  # the workers are gone too
+        assert _gone(pid)
+    assert "Workers stopped" in server.text()
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (or is a zombie waiting for its parent's wait)."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] == "Z"
+    return True
+
+
+def test_workers_exit_non_zero_when_a_worker_cannot_start() -> None:
+    env = {**os.environ, "PORT": "0", "TETHER_WORKERS": "2", "LOG_LEVEL": "info",
+           "REDIS_URL": f"redis://127.0.0.1:{free_port()}"}  # nothing listens there
+    done = subprocess.run([sys.executable, "-m", "tether", "serve"], env=env, cwd=ROOT,
+                          capture_output=True, timeout=30)
+    assert done.returncode == 2, done.stdout[-2000:]
+    assert b"Cannot start the backplane" in done.stdout
+    assert b"Worker failed to start" in done.stdout
+
+
+async def test_redis_outage_no_node_exits_no_client_closed_nothing_lost_silently(
+    session: aiohttp.ClientSession,
+) -> None:
+    with running_redis() as redis, nodes(redis.url, 3, WS_HEARTBEAT_INTERVAL="500") as procs:
+        clients = [await Client(session, node, "topics=o").connect() for node in procs]
+        await watching(session, procs, 2)
+        accepted: list[tuple[float, int]] = []  # (when, i) of each 202
+        refused = 0
+        stop = asyncio.Event()
+
+        async def publisher() -> None:
+            nonlocal refused
+            i = 0
+            while not stop.is_set():
+                status, _ = await post(session, procs[i % 3], {"type": "n", "topic": "o", "i": i})
+                if status == 202:
+                    accepted.append((time.monotonic(), i))
+                else:
+                    assert status == 503
+                    refused += 1
+                i += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(publisher())
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(redis.stop)
+        await until(lambda: refused > 0, 5, "a refused publish")
+        down = (await health(session, procs[0]))["backplane"]
+        assert down["status"] == "down", down
+        await asyncio.sleep(2.0)
+        await asyncio.to_thread(redis.start)  # empty: no persistence, numbering restarts
+        restarted = time.monotonic()
+        for node in procs:
+            await until(lambda n=node: bool(n.find("Redis connection restored")), 10, "restore")
+        await asyncio.sleep(0.5)
+        stop.set()
+        await task
+
+        after = {i for t, i in accepted if t > restarted}
+        assert after, "publishing resumed after Redis came back"
+        everything = {i for _, i in accepted}
+        await until(lambda: all(after <= {m["i"] for m in c.messages("o")} for c in clients),
+                    10, "delivery after the outage")
+        await asyncio.sleep(0.2)
+        for node in procs:
+            assert node.proc is not None and node.proc.poll() is None, "a node exited"
+        for c in clients:
+            assert c.closed_by_server is None and c.ws is not None and not c.ws.closed
+            got = [m["i"] for m in c.messages("o")]
+            assert len(got) == len(set(got)), "a message came twice"
+            # Every message, or a resync that tells the client to refetch.
+            assert set(got) == everything or c.resyncs("o"), (len(got), len(everything))
+            # Seqs only rise, except after a resync (Redis restarted empty: renumbered).
+            seqs = [m.get("seq") for m in c.got if m.get("topic") == "o"]
+            for prev, cur in itertools.pairwise(seqs):
+                assert cur is not None and prev is not None and (cur > prev or cur == 0)
+        for c in clients:
+            await c.close()
+        for node in procs:
+            assert node.find("Redis connection lost") and node.find("Redis connection restored")
+            h = (await health(session, node))["backplane"]
+            assert h["status"] == "up" and h["outages"] == 1
+        # No client was reaped by the heartbeat while Redis was away.
+        for node in procs:
+            assert not node.find("Closing stale connection")
