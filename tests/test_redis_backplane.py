@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -11,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.redis_server import RedisServer, running_redis
-from tests.support import free_port
+from tests.support import ROOT, free_port
 from tether.backplane.redis import PUBLISH_LUA, RedisBackplane, redact
 from tether.errors import BackplaneError
 from tether.message import Message, prepare
@@ -134,3 +137,46 @@ async def test_messages_trimmed_while_away_become_a_resync_notice(
     finally:
         await raw.aclose()
         await node.stop()
+
+
+async def test_a_url_redis_cannot_use_is_a_clear_error() -> None:
+    backplane = RedisBackplane("redis://127.0.0.1:notaport", 10)
+    with pytest.raises(BackplaneError, match="not valid"):
+        await backplane.start(lambda m: None)
+    assert redact("redis://u:p@h:notaport") == "redis://***"
+
+
+async def test_reader_resumes_after_the_last_seq_it_delivered(redis_server: RedisServer) -> None:
+    prefix = f"test:{uuid.uuid4().hex[:8]}:"
+    got: list[Message] = []
+    node = RedisBackplane(redis_server.url, 100, prefix=prefix)
+    await node.start(got.append)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        node.watch({"t"})
+        await until(lambda: node.state()["pending"] == 0)
+        await node.publish(prepare(event("t", 0)))
+        await until(lambda: len(got) == 1)
+        # Cut the node's connections and publish while it is away: nothing is lost.
+        pipe = raw.pipeline(transaction=False)
+        pipe.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        for i in range(4):
+            pipe.execute_command("EVAL", PUBLISH_LUA, 2, f"{prefix}seq:t", f"{prefix}log:t",
+                                 1000, 1, f'{{"type":"note","payload":{{"i":{i}}}}}')
+        await pipe.execute()
+        await until(lambda: len(got) == 5)
+        assert [m.seq for m in got] == [1, 2, 3, 4, 5] and all(m.data for m in got)
+        assert node.state()["resyncs"] == 0
+    finally:
+        await raw.aclose()
+        await node.stop()
+
+
+def test_serve_exits_2_when_redis_is_unreachable() -> None:
+    env = {**os.environ, "PORT": "0", "LOG_LEVEL": "info",
+           "REDIS_URL": f"redis://127.0.0.1:{free_port()}"}  # nothing listens there
+    done = subprocess.run([sys.executable, "-m", "tether", "serve"], env=env, cwd=ROOT,
+                          capture_output=True, timeout=20)
+    assert done.returncode == 2, done.stdout[-2000:]
+    assert b"Cannot start the backplane" in done.stdout
+    assert b"cannot reach Redis at redis://127.0.0.1:" in done.stdout

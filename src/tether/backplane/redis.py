@@ -85,11 +85,14 @@ NOT_WATCHED = 1 << 62
 def redact(url: str) -> str:
     """The URL without its password, for logs and /health."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    try:
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+    except ValueError:  # not even a URL: show only its scheme
+        return f"{parts.scheme}://***"
     user = f"{parts.username}:***@" if parts.username else "***@"
     return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
 
@@ -131,7 +134,7 @@ class RedisBackplane(Backplane):
         self._cmd: aioredis.Redis | None = None  # publish, since, wake
         self._reader: aioredis.Redis | None = None  # the blocking reads
         self._task: asyncio.Task[None] | None = None
-        self._waking: asyncio.Task[None] | None = None
+        self._wakes: set[asyncio.Task[None]] = set()
         self._epoch: bytes | None = None
         self._synced = False
         self._stopping = False
@@ -165,16 +168,20 @@ class RedisBackplane(Backplane):
         self._deliver = deliver
         self.status = "connecting"
         common: dict[str, Any] = {"socket_connect_timeout": self.connect_timeout}
-        # One quick retry on a broken pooled connection (Redis restarted); the
-        # reader does its own retrying, with backoff.
-        self._cmd = aioredis.Redis.from_url(
-            self.url, socket_timeout=5.0, retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
-            **common,
-        )
-        self._reader = aioredis.Redis.from_url(
-            self.url, socket_timeout=BLOCK_MS / 1000 + 5.0, retry=Retry(NoBackoff(), 0),
-            **common,
-        )
+        try:
+            # One quick retry on a broken pooled connection (Redis restarted); the
+            # reader does its own retrying, with backoff.
+            self._cmd = aioredis.Redis.from_url(
+                self.url, socket_timeout=5.0,
+                retry=Retry(NoBackoff(), 1, (RedisConnectionError,)), **common,
+            )
+            self._reader = aioredis.Redis.from_url(
+                self.url, socket_timeout=BLOCK_MS / 1000 + 5.0, retry=Retry(NoBackoff(), 0),
+                **common,
+            )
+        except ValueError as exc:  # a URL redis-py cannot parse
+            self.status = "stopped"
+            raise BackplaneError(f"REDIS_URL {redact(self.url)} is not valid: {exc}") from None
         self._script = self._cmd.register_script(PUBLISH_LUA)
         deadline = time.monotonic() + self.startup_retry
         delay = BACKOFF_MIN
@@ -201,7 +208,7 @@ class RedisBackplane(Backplane):
     async def stop(self) -> None:
         self._deliver = None
         self._stopping = True
-        tasks = {t for t in (self._task, self._waking) if t is not None and not t.done()}
+        tasks = {t for t in (self._task, *self._wakes) if t is not None and not t.done()}
         for task in tasks:
             task.cancel()
         if tasks:
@@ -212,7 +219,7 @@ class RedisBackplane(Backplane):
                 with contextlib.suppress(RedisError, OSError):
                     await self._reader.connection_pool.disconnect(inuse_connections=True)
                 await asyncio.wait(late, timeout=1.0)
-        self._task = self._waking = None
+        self._task = None
         await self._close()
         self.status = "stopped"
 
@@ -320,8 +327,11 @@ class RedisBackplane(Backplane):
             self._hint.pop(topic, None)
         added = wanted - self._watched
         self._watched = wanted
-        if added and self._task is not None and (self._waking is None or self._waking.done()):
-            self._waking = asyncio.create_task(self._wake())
+        if added and self._task is not None:
+            # One wake-up per change: a read that started before it must not miss it.
+            task = asyncio.create_task(self._wake())
+            self._wakes.add(task)
+            task.add_done_callback(self._wakes.discard)
 
     async def _wake(self) -> None:
         """Interrupt this node's blocking read so it starts on the new topics."""
@@ -379,7 +389,8 @@ class RedisBackplane(Backplane):
         pipe = self._reader.pipeline(transaction=True)
         pipe.execute_command("SET", self._epoch_key, uuid.uuid4().hex, "NX")
         pipe.execute_command("GET", self._epoch_key)
-        for topic in self._last:
+        known = list(self._last)
+        for topic in known:
             pipe.execute_command("GET", self._seq_key(topic))
         _, epoch, *counters = await pipe.execute()
         if self._epoch is None:
@@ -393,9 +404,9 @@ class RedisBackplane(Backplane):
                 self._last[topic] = self._floor[topic] = 0
                 self._notify(topic, 0)
         else:
-            for topic, counter in zip(list(self._last), counters, strict=True):
+            for topic, counter in zip(known, counters, strict=True):
                 value = int(counter or 0)
-                if value < self._last[topic]:  # a failover to a replica that lagged
+                if topic in self._last and value < self._last[topic]:  # a lagging replica
                     log.warn("Redis counter went back, subscribers get resync",
                              topic=topic, last=self._last[topic], counter=value)
                     self._last[topic] = self._floor[topic] = value
