@@ -324,3 +324,16 @@ async def test_redis_outage_no_node_exits_no_client_closed_nothing_lost_silently
         # No client was reaped by the heartbeat while Redis was away.
         for node in procs:
             assert not node.find("Closing stale connection")
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(redis_server: RedisServer) -> None:
+    server = ServerProcess(env={"REDIS_URL": redis_server.url, "LOG_LEVEL": "info",
+                                "TETHER_WORKERS": "2"})
+    server.start()
+    try:
+        pids = server.wait_for("Workers ready")["data"]["pids"]
+        server.signal(9)  # SIGKILL: the parent cannot forward anything
+        await until(lambda: all(_gone(pid) for pid in pids), 5, "orphaned workers exit")
+        assert "Supervisor gone, stopping this worker" in server.text()
+    finally:
+        server.stop()

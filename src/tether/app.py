@@ -137,7 +137,7 @@ def _bound_port(runner: web.AppRunner, asked: int) -> int:
 
 async def serve(settings: Settings) -> int:
     """Run one server process until a signal; the exit status (2: could not start)."""
-    from tether.workers import ready
+    from tether.workers import ready, watch_parent
 
     tether = Tether(settings)
     tether.lifecycle.install_signals()
@@ -151,7 +151,10 @@ async def serve(settings: Settings) -> int:
         await tether.backplane.stop()
         return 2
     ready()  # tells a `--workers` parent that this process is listening
+    orphan_guard = watch_parent(tether.lifecycle.request_stop)
     name = await tether.lifecycle.wait()
+    if orphan_guard is not None:
+        orphan_guard.cancel()
     return 0 if await tether.lifecycle.shutdown(name) else 1
 
 

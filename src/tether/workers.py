@@ -19,7 +19,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from tether.config import Settings
 from tether.lifecycle import SHUTDOWN_TIMEOUT
@@ -31,6 +31,7 @@ WORKER_ENV = "TETHER_WORKER"  # set in each worker: its index
 READY_FD_ENV = "TETHER_READY_FD"  # the pipe a worker writes to once it listens
 START_TIMEOUT = 30.0
 RESTART_DELAY = 1.0
+PARENT_POLL = 0.5  # seconds between checks that the parent lives
 
 
 def supervising(settings: Settings) -> bool:
@@ -47,6 +48,23 @@ def ready() -> None:
         fd = int(raw)
         os.write(fd, b"1")
         os.close(fd)
+
+
+def watch_parent(stop: Callable[[str], None]) -> asyncio.Task[None] | None:
+    """In a worker: stop when the supervising parent is gone (it was SIGKILLed)."""
+    if WORKER_ENV not in os.environ:
+        return None
+    parent = os.getppid()
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(PARENT_POLL)
+            if os.getppid() != parent:
+                break
+        log.error("Supervisor gone, stopping this worker", parent=parent)
+        stop("supervisor-exit")
+
+    return asyncio.create_task(poll(), name="watch-parent")
 
 
 def run(settings: Settings, overrides: Mapping[str, str | None]) -> int:
