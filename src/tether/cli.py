@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first reconnect delay bound in seconds, doubling to 30 (default 1)")
     p.add_argument("--count", type=int, help="exit after N messages")
 
+    p = sub.add_parser("bench", help="N clients: heartbeat RTT, publish latency, deliveries/s")
+    p.add_argument("--url", default=os.environ.get("TETHER_URL", "http://localhost:4011"))
+    p.add_argument("--connections", type=int, default=100, help="clients to open (default 100)")
+    p.add_argument("--messages", type=int, default=100, help="messages in the burst (default 100)")
+    p.add_argument("--token", default=os.environ.get("PUBLISH_TOKEN"))
+    p.add_argument("--rtt-wait", type=float, default=35.0,
+                   help="seconds to wait at most for heartbeat round trips (default 35)")
+
     return parser
 
 
@@ -72,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return watch(args.url, args.topics, args.ping_interval, args.ping_timeout,
                      args.backoff, args.count)
+    if args.command == "bench":
+        from tether.benchtool import bench
+
+        return bench(args.url, args.connections, args.messages, args.token, args.rtt_wait)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -1,0 +1,39 @@
+"""tether, as `tether serve` builds it, plus the suite's stdin commands."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from bench.proc import emit
+from bench.servers.common import PAD, command_loop, parse_args, run
+from tether import Settings, Tether, logs
+
+_FIELDS = {f.name for f in fields(Settings)}
+
+
+async def main() -> None:
+    args = parse_args()
+    # warn: the stale-connection line (D) is logged, per-connect info lines are not.
+    logs.setup("warn")
+    # The suite opens more clients than the default connection limit (19,000 at scale).
+    extra = {"max_connections": 100_000} if "max_connections" in _FIELDS else {}
+    settings = Settings(
+        **extra,
+        port=args.port,
+        log_level="warn",
+        heartbeat_interval_ms=round(args.interval * 1000),
+        heartbeat_missed=args.missed,
+    )
+    t = Tether(settings)
+    await t.start()
+    emit("ready", port=t.port, server="tether")
+
+    async def broadcast(i: int) -> None:
+        await t.publish({"type": "tick", "payload": {"i": i, "pad": PAD}})
+
+    # SIGTERM from the suite ends the process; so does stdin closing.
+    await command_loop(broadcast, lambda: len(t.hub.registry))
+
+
+if __name__ == "__main__":
+    run(main, use_uvloop=parse_args().uvloop)

@@ -1,0 +1,230 @@
+"""`python -m bench`: run A–D for every server, the scale check, print the table, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench import measure
+from bench.measure import SERVERS, Config
+from bench.proc import raise_nofile
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (key, label, unit, scale, digits); the robust metrics first.
+ROWS: tuple[tuple[str, str, str, float, int], ...] = (
+    ("connections_end", "A/B idle clients still connected after B", "", 1, 0),
+    ("A_bytes_per_conn", "A memory per idle connection", "KB", 1e-3, 1),
+    ("B_cpu_ms_per_round_10k", "B server CPU per heartbeat round per 10k (I=1s)", "ms", 1, 0),
+    ("C_cpu_s_per_2M", "C server CPU per 2,000,000 deliveries", "s", 1, 2),
+    ("C_us_per_delivery", "C server CPU per delivery", "µs", 1, 2),
+    ("C_deliveries_per_s", "C deliveries per second (noisy)", "k/s", 1e-3, 0),
+    ("D_median_s", "D median close after SIGSTOP (I=1s, K=2)", "s", 1, 2),
+    ("D_max_s", "D last close after SIGSTOP", "s", 1, 2),
+    ("B_loadgen_cpu_ms_per_round_10k", "load generator CPU per round per 10k (B)", "ms", 1, 0),
+    ("C_loadgen_busy", "load generator busy during C (share of a core)", "%", 100, 0),
+)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("tether", "websockets", "aiohttp", "picows", "uvloop"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "?"
+    return out
+
+
+def machine() -> dict[str, Any]:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": model, "kernel": platform.release(),
+            "loadavg": os.getloadavg()}
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    clean = [v for v in values if not math.isnan(v)]
+    if not clean:
+        return {"median": math.nan, "min": math.nan, "max": math.nan}
+    return {"median": statistics.median(clean), "min": min(clean), "max": max(clean)}
+
+
+def fmt(v: float, scale: float, digits: int) -> str:
+    return "n/a" if math.isnan(v) else f"{v * scale:,.{digits}f}"
+
+
+def table(results: dict[str, dict[str, list[float]]], servers: Sequence[str]) -> str:
+    """One markdown table: median (min–max) and ×ratio against websockets."""
+    base = "websockets" if "websockets" in servers else None
+    head = "| metric | " + " | ".join(servers) + " |"
+    lines = [head, "|---|" + "---|" * len(servers)]
+    for key, label, unit, scale, digits in ROWS:
+        cells = []
+        ref = summarize(results[base].get(key, []))["median"] if base else math.nan
+        for name in servers:
+            s = summarize(results[name].get(key, []))
+            cell = f"{fmt(s['median'], scale, digits)} {unit}".rstrip()
+            if s["min"] != s["max"]:
+                cell += f" ({fmt(s['min'], scale, digits)}–{fmt(s['max'], scale, digits)})"
+            if base and name != base and ref and not math.isnan(ref) and key[0] in "ABC" \
+                    and "loadgen" not in key:
+                cell += f" **{s['median'] / ref:.2f}×**"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    # D against its bound, per server, from every run.
+    cells = []
+    for name in servers:
+        closed, clients, inb, early = (
+            int(sum(results[name].get(k, [])))
+            for k in ("D_closed", "D_clients", "D_in_bound", "D_early")
+        )
+        cells.append(f"{inb}/{clients} in [K·I, (K+1)·I], {early} early, {closed} closed")
+    lines.append("| D closed within bound (all runs) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets(results: dict[str, dict[str, list[float]]], cfg: Config) -> list[str]:
+    if "tether" not in results or "websockets" not in results:
+        return []
+    t, w = results["tether"], results["websockets"]
+
+    def ratio(key: str) -> float:
+        a, b = summarize(t.get(key, []))["median"], summarize(w.get(key, []))["median"]
+        return a / b if b else math.nan
+
+    out = []
+    for key, limit, label in (("B_cpu_ms_per_round_10k", 0.25, "B"),
+                              ("C_us_per_delivery", 0.5, "C"), ("A_bytes_per_conn", 1.0, "A")):
+        r = ratio(key)
+        out.append(f"{label}: {r:.2f}× websockets (target ≤ {limit}×) "
+                   f"{'HOLDS' if r <= limit else 'MISSED'}")
+    clients = int(sum(t.get("D_clients", [])))
+    inb = int(sum(t.get("D_in_bound", [])))
+    out.append(f"D: {inb}/{clients} closed within [{cfg.missed}·I, {cfg.missed + 1}·I] "
+               f"{'HOLDS' if clients and inb == clients else 'MISSED'}")
+    return out
+
+
+def parse(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small and fast (< 60 s)")
+    p.add_argument("--runs", type=int, help="runs per server (medians over runs; default 3)")
+    p.add_argument("--servers", help=f"comma list from {','.join(SERVERS)}")
+    p.add_argument("--idle", type=int, help="idle connections for A and B (default 10000)")
+    p.add_argument("--messages", type=int, help="messages in C (default 2000)")
+    p.add_argument("--no-scale", action="store_true", help="skip the 19k scale check")
+    p.add_argument("--scale-only", action="store_true", help="only the 19k scale check")
+    p.add_argument("--scale-window", type=float, help="seconds of heartbeat CPU (default 60)")
+    p.add_argument("--tether-uvloop", action="store_true", help="run tether on uvloop")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy profile of tether during B and C (no table)")
+    p.add_argument("--out", type=Path, default=RESULTS / "latest.json")
+    args = p.parse_args(argv)
+    cfg = Config.make_quick() if args.quick else Config()
+    if args.runs:
+        cfg.runs = args.runs
+    if args.servers:
+        names = tuple(s.strip() for s in args.servers.split(",") if s.strip())
+        unknown = set(names) - set(SERVERS)
+        if unknown:
+            p.error(f"unknown servers: {', '.join(sorted(unknown))}")
+        cfg.servers = names
+    if args.idle:
+        cfg.idle = args.idle
+    if args.messages:
+        cfg.c_messages = args.messages
+    if args.no_scale:
+        cfg.scale = False
+    if args.scale_window:
+        cfg.scale_window = args.scale_window
+    cfg.tether_uvloop = args.tether_uvloop
+    return cfg, args
+
+
+def run(cfg: Config, out: Path | None, scale_only: bool = False) -> dict[str, Any]:
+    """Run the suite; the JSON report (also written to `out`)."""
+    raise_nofile()
+    started = time.monotonic()
+    report: dict[str, Any] = {"machine": machine(), "versions": versions(),
+                              "config": vars(cfg) | {"servers": list(cfg.servers)}}
+    results: dict[str, dict[str, list[float]]] = {name: {} for name in cfg.servers}
+    if not scale_only:
+        for i in range(cfg.runs):
+            for name in cfg.servers:
+                print(f"run {i + 1}/{cfg.runs} {name}: A/B", end="", flush=True)
+                got = measure.measure_ab(name, cfg)
+                print(" C", end="", flush=True)
+                got |= measure.measure_c(name, cfg)
+                print(" D", end="", flush=True)
+                got |= measure.measure_d(name, cfg)
+                for key, value in got.items():
+                    results[name].setdefault(key, []).append(float(value))
+                print(f"  ({time.monotonic() - started:.0f}s)", flush=True)
+        report["results"] = results
+        report["summary"] = {n: {k: summarize(v) for k, v in r.items()}
+                             for n, r in results.items()}
+        report["table"] = table(results, cfg.servers)
+        report["targets"] = targets(results, cfg)
+    if cfg.scale or scale_only:
+        print(f"scale check: {cfg.scale_clients} tether clients, I = {cfg.scale_interval:g}s",
+              flush=True)
+        report["scale"] = measure.measure_scale(cfg)
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    report["elapsed_s"] = time.monotonic() - started
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+def print_report(report: dict[str, Any], out: Path | None) -> None:
+    m, v = report["machine"], report["versions"]
+    print()
+    print(f"machine: {m['cores']} cores, {m['cpu']}, Linux {m['kernel']}, "
+          f"load {m['loadavg'][0]:.2f} → {m['loadavg_end'][0]:.2f}; "
+          + ", ".join(f"{k} {x}" for k, x in v.items()))
+    cfg = report["config"]
+    if "table" in report:
+        print(f"medians of {cfg['runs']} run(s); A/B {cfg['idle']} idle clients, "
+              f"C {cfg['c_clients']} × {cfg['c_messages']}, D {cfg['d_clients']} clients; "
+              "bold: ratio to websockets in the same run")
+        print()
+        print(report["table"])
+        print()
+        for line in report["targets"]:
+            print(line)
+    if "scale" in report:
+        s = report["scale"]
+        print(f"scale: {s['clients']} idle tether clients (I = {cfg['scale_interval']:g}s): "
+              f"heartbeat CPU {s['heartbeat_cpu_pct']:.2f}% of a core over {s['window_s']:.0f}s "
+              f"(target < 5%); one broadcast → last delivery median "
+              f"{s['broadcast_latency_median_ms']:.1f} ms (target < 100 ms), delivered "
+              f"{s['delivered']}; RSS {s['rss_mb']:.0f} MB")
+    print(f"elapsed {report['elapsed_s']:.0f}s" + (f"; JSON: {out}" if out else ""))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, args = parse(argv)
+    if args.profile:
+        from bench.profile import profile
+
+        return profile(cfg)
+    report = run(cfg, args.out, args.scale_only)
+    print_report(report, args.out)
+    return 0

@@ -1,0 +1,69 @@
+"""The benchmark code runs and produces numbers (issue 8); timings are not asserted.
+
+`python -m bench --quick` drives a real tether server process with the load
+generator, and `tether bench` runs against a tether server process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import StartTether
+from tests.support import ROOT, ServerProcess
+
+pytest.importorskip("picows", reason="the bench extra is not installed: pip install -e '.[bench]'")
+
+
+def test_quick_suite_measures_tether(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--servers", "tether", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=90,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| A memory per idle connection |" in proc.stdout
+    report = json.loads(out.read_text())
+    got = report["results"]["tether"]
+    assert got["connections"] == [500.0]
+    for key in ("A_bytes_per_conn", "B_cpu_ms_per_round_10k", "C_cpu_s", "C_deliveries_per_s"):
+        assert len(got[key]) == 1 and math.isfinite(got[key][0]), key
+    assert got["C_deliveries"] == got["C_expected"] == [200.0 * 200]
+    assert got["D_closed"] == got["D_clients"] == [20.0]
+    assert "scale" not in report
+
+
+def test_tether_bench_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from tether.cli import main
+
+    env = {"WS_HEARTBEAT_INTERVAL": "200", "LOG_LEVEL": "info"}
+    with ServerProcess(env=env) as server:
+        status = main(["bench", "--url", server.url, "--connections", "20", "--messages", "10",
+                       "--rtt-wait", "5"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "20 clients" in out
+    assert "200/200" in out  # every burst delivery arrived
+    for row in ("heartbeat RTT ms (server)", "app ping→pong RTT ms", "publish→last delivery ms",
+                "deliveries per second"):
+        assert row in out
+
+
+async def test_run_bench_in_process(start_tether: StartTether) -> None:
+    from tether.benchtool import percentiles, render, run_bench, summary
+
+    t = await start_tether(heartbeat_interval_ms=100)
+    result = await run_bench(f"http://127.0.0.1:{t.port}/ws", 5, 3, rtt_wait=2.0)
+    data = summary(result)
+    assert data["connections"] == 5 and data["failed"] == 0
+    assert data["deliveries"] == 15
+    assert set(data["heartbeat_rtt_ms"]) == {"p50", "p90", "p99", "max"}
+    assert len(result.publish_latency_ms) == 3
+    assert render(result).row_count == 6
+    assert percentiles([]) == {}
+    assert percentiles([3.0, 1.0, 2.0])["p50"] == 2.0
