@@ -103,6 +103,11 @@ def wait_count(srv: Child, n: int, timeout: float = 30.0, stall: float = 5.0) ->
     return seen
 
 
+def gc_seconds(srv: Child) -> float:
+    """Seconds the server process has spent in Python's cyclic GC so far."""
+    return float(sum(srv.request("gc", "gc", timeout=30)["seconds"]))
+
+
 def measure_ab(name: str, cfg: Config) -> dict[str, float]:
     """A: RSS delta per idle connection; B: server CPU per heartbeat round per 10k clients."""
     warm = 20
@@ -115,9 +120,11 @@ def measure_ab(name: str, cfg: Config) -> dict[str, float]:
         connect(gen, cfg.idle)
         n = wait_count(srv, warm + cfg.idle, timeout=60) - warm
         time.sleep(max(2 * cfg.interval, 1.0))  # every client in its ping cycle
+        gc0 = gc_seconds(srv)
         c0, g0, t0 = srv.cpu(), gen.cpu(), time.monotonic()
         time.sleep(cfg.rounds * cfg.interval)
         c1, g1, t1 = srv.cpu(), gen.cpu(), time.monotonic()
+        gc1 = gc_seconds(srv)
         rss1 = srv.rss()
         alive = int(srv.request("count", "count", timeout=30)["n"]) - warm
         rounds = (t1 - t0) / cfg.interval
@@ -128,6 +135,7 @@ def measure_ab(name: str, cfg: Config) -> dict[str, float]:
             "A_bytes_per_conn": (rss1 - rss0) / max(1, n),
             "B_cpu_ms_per_round_10k": (c1 - c0) * per_10k,
             "B_loadgen_cpu_ms_per_round_10k": (g1 - g0) * per_10k,
+            "B_gc_ms_per_round_10k": (gc1 - gc0) * per_10k,
         }
 
 
@@ -218,9 +226,11 @@ def measure_scale(cfg: Config) -> dict[str, Any]:
         connect_s = time.monotonic() - t0
         rss = srv.rss()
         time.sleep(2.0)
+        gc0 = gc_seconds(srv)
         c0, w0 = srv.cpu(), time.monotonic()
         time.sleep(cfg.scale_window)
         c1, w1 = srv.cpu(), time.monotonic()
+        gc1 = gc_seconds(srv)
         latencies = []
         delivered = []
         for _ in range(cfg.scale_broadcasts):
@@ -238,6 +248,7 @@ def measure_scale(cfg: Config) -> dict[str, Any]:
             "rss_mb": rss / 1e6,
             "heartbeat_cpu_pct": (c1 - c0) / (w1 - w0) * 100,
             "window_s": w1 - w0,
+            "gc_cpu_pct": (gc1 - gc0) / (w1 - w0) * 100,
             "broadcast_latency_ms": [x * 1000 for x in latencies],
             "broadcast_latency_median_ms": statistics.median(latencies) * 1000,
             "delivered": delivered,

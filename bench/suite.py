@@ -30,6 +30,7 @@ ROWS: tuple[tuple[str, str, str, float, int], ...] = (
     ("C_deliveries_per_s", "C deliveries per second (noisy)", "k/s", 1e-3, 0),
     ("D_median_s", "D median close after SIGSTOP (I=1s, K=2)", "s", 1, 2),
     ("D_max_s", "D last close after SIGSTOP", "s", 1, 2),
+    ("B_gc_ms_per_round_10k", "  of which cyclic GC (B)", "ms", 1, 0),
     ("B_loadgen_cpu_ms_per_round_10k", "load generator CPU per round per 10k (B)", "ms", 1, 0),
     ("C_loadgen_busy", "load generator busy during C (share of a core)", "%", 100, 0),
 )
@@ -83,7 +84,7 @@ def table(results: dict[str, dict[str, list[float]]], servers: Sequence[str]) ->
             if s["min"] != s["max"]:
                 cell += f" ({fmt(s['min'], scale, digits)}–{fmt(s['max'], scale, digits)})"
             if base and name != base and ref and not math.isnan(ref) and key[0] in "ABC" \
-                    and "loadgen" not in key:
+                    and "loadgen" not in key and "gc" not in key:
                 cell += f" **{s['median'] / ref:.2f}×**"
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -213,6 +214,7 @@ def print_report(report: dict[str, Any], out: Path | None) -> None:
         s = report["scale"]
         print(f"scale: {s['clients']} idle tether clients (I = {cfg['scale_interval']:g}s): "
               f"heartbeat CPU {s['heartbeat_cpu_pct']:.2f}% of a core over {s['window_s']:.0f}s "
+              f"(cyclic GC {s.get('gc_cpu_pct', math.nan):.2f}%) "
               f"(target < 5%); one broadcast → last delivery median "
               f"{s['broadcast_latency_median_ms']:.1f} ms (target < 100 ms), delivered "
               f"{s['delivered']}; RSS {s['rss_mb']:.0f} MB")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 import time
@@ -17,6 +18,27 @@ PAD = "x" * 40
 
 def message(i: int) -> str:
     return json.dumps({"type": "tick", "payload": {"i": i, "pad": PAD}}, separators=(",", ":"))
+
+
+class GcTimer:
+    """Time spent in the cyclic garbage collector, per generation (a `gc` callback)."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.runs = [0, 0, 0]
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            gen = info["generation"]
+            self.seconds[gen] += time.perf_counter() - self._start
+            self.runs[gen] += 1
+
+
+GC = GcTimer()
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,6 +75,8 @@ async def command_loop(broadcast: Broadcast, count: Count) -> None:
             emit("published", count=n, t0=t0, t1=time.monotonic())
         elif cmd["cmd"] == "count":
             emit("count", n=count())
+        elif cmd["cmd"] == "gc":
+            emit("gc", seconds=GC.seconds, runs=GC.runs, objects=len(gc.get_objects()))
 
 
 def run(main: Callable[[], Awaitable[None]], use_uvloop: bool) -> None:
