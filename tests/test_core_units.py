@@ -152,7 +152,7 @@ def test_prepare_and_stamp_serialize_once_and_append_topic_seq() -> None:
     "event",
     [[], "x", {}, {"type": ""}, {"type": 1}, {"type": "x", "topic": ""},
      {"type": "x", "topic": "a,b"}, {"type": "x", "priority": "urgent"},
-     {"type": "x", "payload": {1, 2}}],
+     {"type": "x", "payload": {1, 2}}, {"type": "resync", "topic": "a"}, {"type": "connected"}],
 )
 def test_prepare_rejects_bad_events(event: object) -> None:
     with pytest.raises(PublishError) as err:

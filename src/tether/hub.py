@@ -133,9 +133,14 @@ class Hub:
     """All the connections of this process, and what happens to them."""
 
     def __init__(
-        self, settings: Settings, backplane: Backplane, clock: Clock | None = None
+        self,
+        settings: Settings,
+        backplane: Backplane,
+        clock: Clock | None = None,
+        greet: bool = True,
     ) -> None:
         self.settings = settings
+        self.greet = greet  # send `connected` on open (SPEC §9)
         self.backplane = backplane
         self.clock: Clock = clock or SystemClock()
         self.registry = Registry()
@@ -181,14 +186,15 @@ class Hub:
             conn.beat = self.heartbeat.add(conn, now)
             if self._heartbeat_running:
                 self._schedule(conn.beat.due)
-        self._send_control(
-            conn,
-            {
-                "type": "connected",
-                "sessionId": conn.session_id,
-                "timestamp": iso(conn.connected_at),
-            },
-        )
+        if self.greet:
+            self._send_control(
+                conn,
+                {
+                    "type": "connected",
+                    "sessionId": conn.session_id,
+                    "timestamp": iso(conn.connected_at),
+                },
+            )
         self.backplane.watch(set(self.registry.topics()))
         ws_log.info("WebSocket client connected", sessionId=conn.session_id, remote=remote)
         return conn
@@ -268,6 +274,8 @@ class Hub:
         return False
 
     def _abuse(self, conn: Connection, what: str) -> None:
+        if conn.closing:  # the flood's tail, read after the close: count and log it once
+            return
         self.stats.abuse_closed += 1
         log.warn("Closing abusive client", sessionId=conn.session_id, reason=what)
         self.close(conn, codes.Close.POLICY_VIOLATION, codes.REASONS[codes.Close.POLICY_VIOLATION])
@@ -372,8 +380,7 @@ class Hub:
                 replay = await self.backplane.since(topic, seq)
                 if conn.closing:
                     return
-                last = conn.last_seq.get(topic, 0)
-                conn.last_seq[topic] = max(last, seq)
+                conn.last_seq[topic] = seq  # the client says what it has
                 for message in replay.items:
                     self._deliver_to(conn, message, replay=True)
                 if replay.resync:

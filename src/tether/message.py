@@ -16,6 +16,8 @@ import orjson
 from tether.errors import PublishError
 
 BROADCAST_TOPIC = "*"
+# Types the server itself sends: a published event may not impersonate them.
+RESERVED_TYPES = frozenset({"connected", "pong", "subscribed", "unsubscribed", "resync", "error"})
 MAX_TOPIC_LENGTH = 200
 
 
@@ -71,6 +73,8 @@ def prepare(event: Any) -> Prepared:
     kind = event.get("type")
     if not isinstance(kind, str) or not kind:
         raise PublishError(400, "event needs a non-empty string 'type'")
+    if kind in RESERVED_TYPES:
+        raise PublishError(400, f"type {kind!r} is reserved for the server's own messages")
     topic = check_topic(event.get("topic", BROADCAST_TOPIC))
     priority = Priority.parse(event.get("priority"))
     rest = {k: v for k, v in event.items() if k not in ("topic", "seq")}
