@@ -57,7 +57,14 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             cmd, env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=ROOT
         )
-        ready = self.wait_for("Server ready", timeout=timeout)
+        try:
+            ready = self.wait_for("Server ready", timeout=timeout)
+        except BaseException:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            self._log_file.close()
+            raise
         url = ready["data"]["url"]
         self.port = int(url.rsplit(":", 1)[1])
         return self
