@@ -10,11 +10,11 @@ import sys
 import orjson
 import pytest
 
+from tests.conftest import LogCapture
 from tether import config, logs
 from tether.config import Settings
 from tether.errors import ConfigError
 from tether.lifecycle import Lifecycle
-from tests.conftest import LogCapture
 
 # ---- configuration
 
