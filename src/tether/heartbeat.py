@@ -89,7 +89,7 @@ class Heartbeat(Generic[T]):
         # jitter a ping's age may show and still be "at least I".
         self.tolerance = min(0.25 * interval, max(0.05, 0.1 * interval))
         # How far ahead of its grid time a final (stale-making) check runs.
-        self.margin = min(0.025, self.tolerance / 2)
+        self.margin = min(0.005, self.tolerance / 4)
         self._heap: list[tuple[float, int, Beat[T]]] = []
         self._added = 0
         self._next_ping_id = 0

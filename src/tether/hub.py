@@ -162,8 +162,8 @@ class Hub:
         self._ticked_at = float("-inf")
         self._min_gap = 0.0
         if self.heartbeat is not None:
-            # Coalesce ticks: at most one every ~12 ms, each taking the due times of
-            # the next ~12 ms a little early (so batching never makes a check late).
+            # Coalesce ticks: at most one every ~2.5 ms, each taking the due times of
+            # the next ~2.5 ms a little early (so batching never makes a check late).
             self._min_gap = self.heartbeat.margin / 2
         self._lag_handle: asyncio.TimerHandle | None = None
         self._lag_expected = 0.0
