@@ -230,10 +230,17 @@ class RecordingPeer:
 
     def messages(self) -> list[dict[str, Any]]:
         out = []
-        for f in self.frames:
-            n = f[1] & 0x7F
-            offset = 2 + (2 if n == 126 else 8 if n == 127 else 0)
-            out.append(orjson.loads(f[offset:]))
+        data = b"".join(self.frames)  # one write may carry several frames
+        pos = 0
+        while pos < len(data):
+            n = data[pos + 1] & 0x7F
+            head = 2
+            if n == 126:
+                n, head = int.from_bytes(data[pos + 2 : pos + 4], "big"), 4
+            elif n == 127:
+                n, head = int.from_bytes(data[pos + 2 : pos + 10], "big"), 10
+            out.append(orjson.loads(data[pos + head : pos + head + n]))
+            pos += head + n
         return out
 
 
@@ -266,6 +273,7 @@ async def _interleaving(ops: list[tuple[str, Any]], history: int) -> None:
     received: list[Receiver] = [Receiver(), Receiver()]
 
     def collect(i: int) -> None:
+        hub.flush()
         for msg in peers[i][-1].messages():
             if msg["type"] != "connected":
                 received[i].take(msg)

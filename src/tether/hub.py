@@ -39,6 +39,9 @@ ws_log = get_logger("websocket")
 hb_log = get_logger("heartbeat")
 
 
+# Longest a written frame waits so that several go out in one write (see _flush).
+MAX_WRITE_DELAY = 0.005
+
 # Upper bounds (seconds) of the RTT histogram buckets in /metrics.
 RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -170,6 +173,9 @@ class Hub:
         self._lag_period = 0.25
         self._closers: set[asyncio.Future[None]] = set()
         self.message_handlers: list[MessageHandler] = []
+        self._dirty: list[Connection] = []  # connections with queued frames
+        self._flush_handle: asyncio.Handle | None = None
+        self._flush_cost = 0.0  # seconds the last flush took
 
     # ------------------------------------------------------------------ connections
 
@@ -460,16 +466,18 @@ class Hub:
         if peer.is_closing():
             conn.closing = True
             return False
-        buffered = peer.buffered()
+        buffered = peer.buffered() + conn.outq_bytes
         conn.paused = paused = self.backpressure.paused(conn.paused, buffered)
         decision = self.backpressure.decide(paused, buffered, len(frame), priority)
         if decision is Decision.SEND:
-            try:
-                peer.write(frame)
-            except Exception as exc:  # a failed send drops this client, never the others
-                log.warn("Send failed, dropping client", sessionId=conn.session_id, error=repr(exc))
-                self.kill(conn, codes.Close.INTERNAL_ERROR, "Send failed")
-                return False
+            queue = conn.outq
+            if queue is None:
+                queue = conn.outq = []
+                self._dirty.append(conn)
+                if self._flush_handle is None:
+                    self._schedule_flush()
+            queue.append(frame)
+            conn.outq_bytes += len(frame)
             return True
         if decision is Decision.CLOSE:
             self.stats.slow_closed += 1
@@ -482,12 +490,59 @@ class Hub:
             self.close(conn, *codes.SLOW_CONSUMER)
         return False
 
+    # ------------------------------------------------------------------ writing
+
+    def _schedule_flush(self) -> None:
+        """Flush on the next loop pass, or, while flushes are costly, a little later.
+
+        The delay follows the cost of the last flush (capped at MAX_WRITE_DELAY):
+        an idle hub writes at once; a hub busy fanning out lets frames gather so
+        that each client gets several in one write (one system call), like Nagle's
+        algorithm but bounded in time.
+        """
+        loop = asyncio.get_running_loop()
+        delay = min(MAX_WRITE_DELAY, self._flush_cost)
+        if delay < 0.0005:
+            self._flush_handle = loop.call_soon(self.flush)
+        else:
+            self._flush_handle = loop.call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        """Write every queued frame: one write per client."""
+        started = self.clock.now()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            self._flush_one(conn)
+        self._flush_cost = self.clock.now() - started
+
+    def _flush_one(self, conn: Connection) -> None:
+        queue = conn.outq
+        if queue is None:
+            return
+        conn.outq = None
+        conn.outq_bytes = 0
+        if conn.closing:
+            return
+        peer = conn.peer
+        if peer.is_closing():
+            conn.closing = True
+            return
+        try:
+            peer.write(queue[0] if len(queue) == 1 else b"".join(queue))
+        except Exception as exc:  # a failed send drops this client, never the others
+            log.warn("Send failed, dropping client", sessionId=conn.session_id, error=repr(exc))
+            self.kill(conn, codes.Close.INTERNAL_ERROR, "Send failed")
+
     # ------------------------------------------------------------------ closing
 
     def close(self, conn: Connection, code: int, reason: str) -> None:
         """Close with a handshake, waiting up to WS_CLOSE_TIMEOUT, then abort."""
         if conn.closing:
             return
+        self._flush_one(conn)  # what was accepted for it goes out before the close frame
         conn.closing = True
         conn.close_code, conn.close_reason = code, reason
         self._forget(conn)
@@ -693,7 +748,7 @@ class Hub:
                     last_pong = mono_to_iso(self.clock, beat.last_pong)
                 if beat.rtt is not None:
                     rtt = round(beat.rtt * 1000, 3)
-            buffered = conn.peer.buffered()
+            buffered = conn.peer.buffered() + conn.outq_bytes
             out.append(
                 {
                     "sessionId": conn.session_id,

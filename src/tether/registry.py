@@ -37,6 +37,8 @@ class Connection:
         "closing",
         "connected_at",
         "last_seq",
+        "outq",
+        "outq_bytes",
         "paused",
         "peer",
         "pending",
@@ -55,6 +57,8 @@ class Connection:
         self.topics: set[str] = set()
         self.last_seq: dict[str, int] = {}  # last seq delivered, per topic
         self.paused = False
+        self.outq: list[bytes] | None = None  # frames waiting for this pass's flush
+        self.outq_bytes = 0
         self.skipped = 0  # messages skipped while paused
         self.closing = False  # a close is under way: write nothing more
         self.close_code: int | None = None  # set when the server closed it
