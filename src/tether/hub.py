@@ -424,7 +424,7 @@ class Hub:
         self, conn: Connection, message: Message, frame: bytes | None = None, replay: bool = False
     ) -> None:
         topic = message.topic
-        if not message.data:  # a backplane's resync notice (SPEC §8)
+        if message.is_resync:  # the backplane lost messages (SPEC §8)
             self._resync(conn, topic, message.seq)
             return
         if message.seq <= conn.last_seq.get(topic, 0):

@@ -49,12 +49,26 @@ class Prepared:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A message as delivered: `data` is the JSON text every subscriber receives."""
+    """A message as delivered: `data` is the JSON text every subscriber receives.
+
+    A message with no data is a resync notice from the backplane (see
+    `resync_notice`): it travels the same path as messages, so it keeps its
+    place among them.
+    """
 
     topic: str
     seq: int
     priority: Priority
     data: bytes
+
+    @property
+    def is_resync(self) -> bool:
+        return not self.data
+
+
+def resync_notice(topic: str, seq: int) -> Message:
+    """Messages of `topic` up to `seq` were lost by the backplane; seq 0: it renumbered."""
+    return Message(topic, seq, Priority.HIGH, b"")
 
 
 def check_topic(topic: object) -> str:

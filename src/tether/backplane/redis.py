@@ -45,7 +45,7 @@ from tether.backplane.base import Backplane, Deliver
 from tether.errors import BackplaneError
 from tether.history import Replay
 from tether.logs import get_logger
-from tether.message import BROADCAST_TOPIC, Message, Prepared, Priority, stamp
+from tether.message import BROADCAST_TOPIC, Message, Prepared, Priority, resync_notice, stamp
 
 log = get_logger("backplane")
 
@@ -99,11 +99,6 @@ def redact(url: str) -> str:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def notice(topic: str, seq: int) -> Message:
-    """A resync notice: messages of `topic` up to `seq` are lost; 0 means renumbered."""
-    return Message(topic, seq, Priority.HIGH, b"")
 
 
 class RedisBackplane(Backplane):
@@ -491,7 +486,7 @@ class RedisBackplane(Backplane):
     def _notify(self, topic: str, seq: int) -> None:
         self.resyncs += 1
         if self._deliver is not None:
-            self._deliver(notice(topic, seq))
+            self._deliver(resync_notice(topic, seq))
 
     # ------------------------------------------------------------------ views
 
