@@ -18,10 +18,11 @@ from tether.backplane.memory import MemoryBackplane
 from tether.clock import Clock
 from tether.config import Settings
 from tether.errors import BackplaneError
-from tether.hub import Hub
+from tether.hub import Hub, MessageHandler
 from tether.lifecycle import Handler, Lifecycle
 from tether.logs import get_logger
 from tether.message import Message
+from tether.registry import Connection
 from tether.server import build_app
 
 log = get_logger("main")
@@ -46,10 +47,13 @@ class Tether:
         backplane: Backplane | None = None,
         clock: Clock | None = None,
         sock: socket.socket | None = None,
+        greet: bool = True,
     ) -> None:
+        # greet=False: no `connected` message on open, for an application that
+        # speaks its own protocol over tether's WebSocket (on_message / send).
         self.settings = settings or Settings()
         self.backplane = backplane or make_backplane(self.settings)
-        self.hub = Hub(self.settings, self.backplane, clock)
+        self.hub = Hub(self.settings, self.backplane, clock, greet=greet)
         self.lifecycle = Lifecycle()
         self.app: web.Application = build_app(self.hub, self.settings)
         self._runner: web.AppRunner | None = None
@@ -64,6 +68,14 @@ class Tether:
     def on_shutdown(self, name: str, handler: Handler, priority: int = 0) -> None:
         """Register a shutdown handler (SPEC §5): highest priority runs first."""
         self.lifecycle.on_shutdown(name, handler, priority)
+
+    def on_message(self, handler: MessageHandler) -> MessageHandler:
+        """Handle client messages that are not tether's own protocol (see Hub.on_message)."""
+        return self.hub.on_message(handler)
+
+    def send(self, conn: Connection, data: str | bytes) -> bool:
+        """Send one text (str) or binary (bytes) message to one client."""
+        return self.hub.send(conn, data)
 
     async def publish(self, event: dict[str, Any]) -> Message:
         """Publish like `POST /event`; raises PublishError when the event is refused."""
@@ -80,8 +92,15 @@ class Tether:
     async def start(self) -> None:
         """Listen, start the heartbeat, and log `Server ready`."""
         await self.backplane.start(self.hub.deliver)
-        runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
-                               shutdown_timeout=self.settings.close_timeout_ms / 1000 + 1)
+        runner = web.AppRunner(
+            self.app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=self.settings.close_timeout_ms / 1000 + 1,
+            # aiohttp starts this timer when TCP connects: a client that sends no
+            # request (or half a request line) is dropped after it (SPEC §10).
+            keepalive_timeout=self.settings.handshake_timeout_ms / 1000,
+        )
         await runner.setup()
         self._runner = runner
         site: web.BaseSite

@@ -33,3 +33,4 @@ REASONS: dict[Close, str] = {
 HEARTBEAT_TIMEOUT = (Close.NORMAL, "Heartbeat timeout")
 SHUTTING_DOWN = (Close.GOING_AWAY, REASONS[Close.GOING_AWAY])
 SLOW_CONSUMER = (Close.TRY_AGAIN_LATER, REASONS[Close.TRY_AGAIN_LATER])
+UNMASKED_FRAME = (Close.PROTOCOL_ERROR, "Protocol error: unmasked client frame")

@@ -56,3 +56,45 @@ def close(code: int, reason: str) -> bytes:
     """A close frame with a status code and a reason of at most 123 bytes (§5.5.1)."""
     body = struct.pack("!H", code) + reason.encode()[:123]
     return frame(OP_CLOSE, body)
+
+
+class MaskCheck:
+    """Follows a client's byte stream frame by frame: is every frame masked? (RFC 6455 §5.1).
+
+    aiohttp's parser accepts unmasked client frames; a server MUST close the
+    connection on one. `feed` reads only the frame headers (at most 14 bytes
+    each) and skips payloads by their length.
+    """
+
+    __slots__ = ("_head", "_skip")
+
+    def __init__(self) -> None:
+        self._head = bytearray()  # header bytes of the frame being read
+        self._skip = 0  # payload bytes of the current frame still to pass over
+
+    def feed(self, data: bytes | bytearray | memoryview) -> int | None:
+        """Where the first unmasked frame starts in `data` (0 if in an earlier chunk), else None."""
+        pos, end = 0, len(data)
+        head = self._head
+        while pos < end:
+            if self._skip:
+                step = min(self._skip, end - pos)
+                self._skip -= step
+                pos += step
+                continue
+            start = pos - len(head)
+            head.append(data[pos])
+            pos += 1
+            if len(head) < 2:
+                continue
+            if not head[1] & 0x80:
+                return max(0, start)
+            size = head[1] & 0x7F
+            extra = 2 if size == 126 else 8 if size == 127 else 0
+            if len(head) < 2 + extra + 4:  # length, then the 4-byte masking key
+                continue
+            if extra:
+                size = int.from_bytes(head[2 : 2 + extra], "big")
+            self._skip = size
+            head.clear()
+        return None

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WebSocketError, WSMsgType, web
 
-from tether import metrics
+from tether import codes, frames, metrics
 from tether.config import Settings
 from tether.errors import BackplaneError, PublishError
 from tether.hub import Hub, parse_since, parse_topics
@@ -52,19 +53,26 @@ class AiohttpPeer:
         self.transport.abort()
 
     async def close(self, code: int, reason: str, timeout: float) -> None:
-        """Send close (RFC 6455 §7.1.2) and let the socket flush; abort after `timeout`.
+        """Send close (RFC 6455 §7.1.2), then FIN, and linger; abort after `timeout`.
 
-        aiohttp sends the close frame and, once its reader has stopped, closes the
-        transport, which flushes what is buffered and then sends FIN. A peer that
-        does not read would keep that socket (and its buffer) forever: past
-        `timeout` the transport is aborted.
+        The close frame goes out after what is buffered, then FIN (§7.1.1: the
+        server closes TCP first), while the socket keeps reading until the client
+        answers with its close frame or EOF (the handler's `receive()` sees it and
+        aiohttp closes the transport). Closing a socket with unread input resets
+        it and drops what was not yet sent, so a client still sending (a flood)
+        would never see its close code. A peer that does not read or answer would
+        keep the socket forever: past `timeout` the transport is aborted.
         """
         loop = asyncio.get_running_loop()
         self._closed = loop.create_future()
         transport = self.transport
         try:
             async with asyncio.timeout(timeout):
-                await self.ws.close(code=code, message=reason.encode(), drain=False)
+                if not transport.is_closing():
+                    transport.write(frames.close(code, reason))
+                    transport.write_eof()
+                while not transport.is_closing():  # noqa: ASYNC110 - no event for it
+                    await asyncio.sleep(0.02)
                 while transport.get_write_buffer_size() > 0:  # noqa: ASYNC110 - no event for it
                     await asyncio.sleep(0.02)
         except Exception:  # timeout or a broken transport: free it now
@@ -75,6 +83,45 @@ class AiohttpPeer:
     async def wait_closed(self) -> None:
         if self._closed is not None:
             await asyncio.shield(self._closed)
+
+
+class _MaskedFramesOnly:
+    """aiohttp's frame parser, fed only while every client frame is masked (RFC 6455 §5.1)."""
+
+    __slots__ = ("_check", "_failed", "_on_unmasked", "_parser")
+
+    def __init__(self, parser: Any, on_unmasked: Callable[[], None]) -> None:
+        self._parser = parser
+        self._check = frames.MaskCheck()
+        self._on_unmasked = on_unmasked
+        self._failed = False
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self._failed:
+            return False, b""
+        bad = self._check.feed(data)
+        if bad is None:
+            result: tuple[bool, bytes] = self._parser.feed_data(data)
+            return result
+        self._failed = True
+        if bad:
+            self._parser.feed_data(data[:bad])  # the masked frames before it still count
+        self._on_unmasked()
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self._parser.feed_eof()
+
+
+def _require_masked_frames(request: web.Request, on_unmasked: Callable[[], None]) -> None:
+    """Put the mask check in front of the parser `ws.prepare` installed.
+
+    A server must close the connection on an unmasked client frame (§5.1), with
+    1002 and without waiting for a close handshake (§7.1.7). aiohttp has no
+    option for it, so its parser is wrapped on the request's protocol.
+    """
+    protocol = request.protocol
+    protocol._payload_parser = _MaskedFramesOnly(protocol._payload_parser, on_unmasked)
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -131,7 +178,9 @@ class Routes:
         ws = web.WebSocketResponse(
             autoping=False,  # tether answers and measures pings itself (SPEC §4)
             compress=False,  # one pre-encoded frame for every client
-            max_msg_size=self.settings.max_message,  # over it: close 1009
+            # aiohttp refuses a message of max_msg_size bytes or more; WS_MAX_MESSAGE
+            # is the largest one allowed (SPEC §2), so the cap is one above it.
+            max_msg_size=self.settings.max_message + 1,  # over WS_MAX_MESSAGE: close 1009
             timeout=self.settings.close_timeout_ms / 1000,
         )
         await ws.prepare(request)
@@ -140,6 +189,7 @@ class Routes:
             return ws
         peer = AiohttpPeer(ws, transport)
         conn = hub.open(peer, request.remote or "?", topics)
+        _require_masked_frames(request, lambda: hub.kill(conn, *codes.UNMASKED_FRAME))
         code: int | None = None
         reason = ""
         try:
@@ -166,6 +216,10 @@ class Routes:
                     await peer.wait_closed()
                     break
                 else:  # CLOSED, ERROR
+                    if isinstance(msg.data, WebSocketError):
+                        # aiohttp sent this code (1002, 1007, 1009); ws.close_code
+                        # says 1006 because the failed parser cannot read the reply.
+                        code, reason = msg.data.code, str(msg.data)
                     break
         finally:
             hub.detach(conn, code if code is not None else ws.close_code, reason)
@@ -176,7 +230,10 @@ class Routes:
         if token is not None:
             given = request.headers.get("Authorization", "")
             expected = f"Bearer {token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+            # aiohttp decodes header bytes with surrogateescape: encode them back the
+            # same way, so a header that is not UTF-8 is a 401, not a 500.
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
+                                       expected.encode()):
                 return _error(401, "missing or wrong bearer token")
         limit = self.settings.max_message
         if request.content_length is not None and request.content_length > limit:
