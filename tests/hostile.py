@@ -63,11 +63,17 @@ class Raw:
                       rcvbuf: int | None = None, limit: int = 2**24,
                       timeout: float = 5.0) -> Raw:
         """Handshake; a small `limit` (and `rcvbuf`) makes a client that stops reading."""
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", port, limit=limit), timeout)
-        if rcvbuf is not None:
-            sock = writer.get_extra_info("socket")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:  # before connect, so the advertised window is small too
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), timeout)
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
         writer.write(request(port, path, headers))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
         status = int(head.split(b" ", 2)[1])
