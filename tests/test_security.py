@@ -8,6 +8,7 @@ where the client must misbehave (bad frames, floods, half handshakes).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -17,11 +18,14 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import LogCapture, StartTether
 from tests.hostile import Raw, dropped, encode, open_tcp
 from tests.support import ServerProcess
 from tether.app import Tether
+from tether.frames import MaskCheck
 
 BROWSER = {  # what a browser adds to a cross-site WebSocket handshake
     "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/126.0 Safari/537.36",
@@ -499,3 +503,32 @@ async def test_binary_goes_to_an_application_handler_when_there_is_one(
     f = await ws.recv_data()
     assert (f.opcode, f.payload) == (0x2, b"\x03\x02\x01")
     ws.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 1, 125, 126, 127, 65_535, 65_536, 70_000])
+                      | st.integers(0, 300), min_size=1, max_size=6),
+       unmasked_at=st.none() | st.integers(0, 5), cuts=st.lists(st.integers(1, 10**6)))
+def test_mask_check_finds_the_first_unmasked_frame_however_the_stream_is_cut(
+    sizes: list[int], unmasked_at: int | None, cuts: list[int]
+) -> None:
+    stream = b""
+    bad_offset = None
+    for i, n in enumerate(sizes):
+        masked = i != unmasked_at
+        if not masked and bad_offset is None:
+            bad_offset = len(stream)
+        stream += encode(0x2, b"\x00" * n, mask=masked)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    check = MaskCheck()
+    found = None
+    for start, end in itertools.pairwise(points):
+        at = check.feed(stream[start:end])
+        if at is not None:
+            found = start + at
+            break
+    if bad_offset is None:
+        assert found is None
+    else:  # reported in the chunk where its second header byte arrives, at its start
+        assert found is not None and max(0, bad_offset - 1) <= found <= bad_offset + 1
+        assert found == bad_offset or (found == start and bad_offset < start)
