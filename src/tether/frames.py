@@ -75,13 +75,29 @@ class MaskCheck:
     def feed(self, data: bytes | bytearray | memoryview) -> int | None:
         """Where the first unmasked frame starts in `data` (0 if in an earlier chunk), else None."""
         pos, end = 0, len(data)
-        head = self._head
         while pos < end:
-            if self._skip:
+            if self._skip:  # inside a payload
                 step = min(self._skip, end - pos)
                 self._skip -= step
                 pos += step
                 continue
+            if not self._head and end - pos >= 14:
+                # Fast path: a whole header (at most 14 bytes) is in this chunk.
+                b2 = data[pos + 1]
+                if not b2 & 0x80:
+                    return pos
+                size = b2 & 0x7F
+                if size == 126:
+                    size, header = int.from_bytes(data[pos + 2 : pos + 4], "big"), 8
+                elif size == 127:
+                    size, header = int.from_bytes(data[pos + 2 : pos + 10], "big"), 14
+                else:
+                    header = 6
+                pos += header
+                self._skip = size
+                continue
+            # Slow path: the header is cut by the end of the chunk.
+            head = self._head
             start = pos - len(head)
             head.append(data[pos])
             pos += 1

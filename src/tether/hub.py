@@ -515,10 +515,10 @@ class Hub:
             self._flush_handle = None
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
-            self._flush_one(conn)
+            self.flush_one(conn)
         self._flush_cost = self.clock.now() - started
 
-    def _flush_one(self, conn: Connection) -> None:
+    def flush_one(self, conn: Connection) -> None:
         queue = conn.outq
         if queue is None:
             return
@@ -542,7 +542,7 @@ class Hub:
         """Close with a handshake, waiting up to WS_CLOSE_TIMEOUT, then abort."""
         if conn.closing:
             return
-        self._flush_one(conn)  # what was accepted for it goes out before the close frame
+        self.flush_one(conn)  # what was accepted for it goes out before the close frame
         conn.closing = True
         conn.close_code, conn.close_reason = code, reason
         self._forget(conn)

@@ -121,7 +121,17 @@ def _require_masked_frames(request: web.Request, on_unmasked: Callable[[], None]
     option for it, so its parser is wrapped on the request's protocol.
     """
     protocol = request.protocol
-    protocol._payload_parser = _MaskedFramesOnly(protocol._payload_parser, on_unmasked)
+    parser = getattr(protocol, "_payload_parser", None)
+    if parser is None:  # an aiohttp without this internal: run unchecked, say so once
+        global _mask_check_missing
+        if not _mask_check_missing:
+            _mask_check_missing = True
+            log.warn("Unmasked client frames are not checked with this aiohttp version")
+        return
+    protocol._payload_parser = _MaskedFramesOnly(parser, on_unmasked)
+
+
+_mask_check_missing = False
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -196,6 +206,11 @@ class Routes:
             if since:
                 await hub.resume(conn, since)
             while True:
+                if conn.outq is not None:
+                    # Replies to what this client sent go out before its next frame
+                    # is read: a protocol error there makes aiohttp write its close
+                    # frame at once, and the replies must precede it.
+                    hub.flush_one(conn)
                 msg = await ws.receive()
                 kind = msg.type
                 if kind is WSMsgType.TEXT:
