@@ -17,27 +17,7 @@ from typing import Any
 
 import orjson
 
-from tests.wsraw import Frame
-
-
-def encode(opcode: int, payload: bytes, fin: bool = True, mask: bool = True, rsv: int = 0) -> bytes:
-    """One client frame (masked unless told otherwise, RFC 6455 §5.2)."""
-    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-    n = len(payload)
-    mbit = 0x80 if mask else 0
-    if n < 126:
-        head += bytes([mbit | n])
-    elif n < 65536:
-        head += bytes([mbit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([mbit | 127]) + struct.pack("!Q", n)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    # XOR with the key repeated, in one big-int operation (fast for large payloads).
-    stream = (key * (n // 4 + 1))[:n]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
-    return head + key + masked
+from tests.wsraw import Frame, encode
 
 
 def request(port: int, path: str = "/ws", headers: dict[str, str] | None = None) -> bytes:

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "test-output"
 
@@ -147,3 +149,40 @@ def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> 
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+class RecordingPeer:
+    """The hub's Peer interface over a list: the property tests need no sockets."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.frames.append(data)
+
+    def buffered(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        pass
+
+    async def close(self, code: int, reason: str, timeout: float) -> None:
+        pass
+
+    def messages(self) -> list[dict[str, Any]]:
+        out = []
+        data = b"".join(self.frames)  # one write may carry several frames
+        pos = 0
+        while pos < len(data):
+            n = data[pos + 1] & 0x7F
+            head = 2
+            if n == 126:
+                n, head = int.from_bytes(data[pos + 2 : pos + 4], "big"), 4
+            elif n == 127:
+                n, head = int.from_bytes(data[pos + 2 : pos + 10], "big"), 10
+            out.append(orjson.loads(data[pos + head : pos + head + n]))
+            pos += head + n
+        return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from tests.support import RecordingPeer
 from tether import frames
 from tether.errors import PublishError
 from tether.history import History
@@ -13,30 +14,8 @@ from tether.outbox import Backpressure, Decision
 from tether.registry import Connection, Registry
 
 
-class FakeTransportless:
-    """A Peer that records writes: registry tests need no I/O at all."""
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def buffered(self) -> int:
-        return 0
-
-    def is_closing(self) -> bool:
-        return False
-
-    def abort(self) -> None:
-        pass
-
-    async def close(self, code: int, reason: str, timeout: float) -> None:
-        pass
-
-
 def conn(sid: str, *topics: str) -> Connection:
-    c = Connection(sid, 0.0, "127.0.0.1", FakeTransportless())
+    c = Connection(sid, 0.0, "127.0.0.1", RecordingPeer())
     c.topics.update(topics)
     return c
 

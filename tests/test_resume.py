@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import LogCapture, StartTether
+from tests.support import RecordingPeer
 from tests.wsraw import RawWS
 from tether.app import Tether
 from tether.backplane.memory import MemoryBackplane
@@ -205,43 +206,6 @@ async def test_gap_larger_than_history_yields_resync(start_tether: StartTether) 
 
 
 # ---------------------------------------------------------------- property-based
-
-
-class RecordingPeer:
-    """The hub's Peer interface over a list: the property tests need no sockets."""
-
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.frames.append(data)
-
-    def buffered(self) -> int:
-        return 0
-
-    def is_closing(self) -> bool:
-        return False
-
-    def abort(self) -> None:
-        pass
-
-    async def close(self, code: int, reason: str, timeout: float) -> None:
-        pass
-
-    def messages(self) -> list[dict[str, Any]]:
-        out = []
-        data = b"".join(self.frames)  # one write may carry several frames
-        pos = 0
-        while pos < len(data):
-            n = data[pos + 1] & 0x7F
-            head = 2
-            if n == 126:
-                n, head = int.from_bytes(data[pos + 2 : pos + 4], "big"), 4
-            elif n == 127:
-                n, head = int.from_bytes(data[pos + 2 : pos + 10], "big"), 10
-            out.append(orjson.loads(data[pos + head : pos + head + n]))
-            pos += head + n
-        return out
 
 
 TOPICS = ("a", "b")

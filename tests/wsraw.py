@@ -27,6 +27,26 @@ class Frame:
         return struct.unpack("!H", self.payload[:2])[0] if len(self.payload) >= 2 else None
 
 
+def encode(opcode: int, payload: bytes, fin: bool = True, mask: bool = True, rsv: int = 0) -> bytes:
+    """One client frame (masked unless told otherwise, RFC 6455 §5.2)."""
+    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
+    n = len(payload)
+    mbit = 0x80 if mask else 0
+    if n < 126:
+        head += bytes([mbit | n])
+    elif n < 65536:
+        head += bytes([mbit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([mbit | 127]) + struct.pack("!Q", n)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    # XOR with the key repeated, in one big-int operation (fast for large payloads).
+    stream = (key * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+    return head + key + masked
+
+
 class RawWS:
     def __init__(self, host: str, port: int, path: str = "/ws", rcvbuf: int | None = None,
                  headers: dict[str, str] | None = None, timeout: float = 5.0) -> None:
@@ -82,20 +102,7 @@ class RawWS:
 
     def send_frame(self, opcode: int, payload: bytes, fin: bool = True, mask: bool = True,
                    rsv: int = 0) -> None:
-        head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-        n = len(payload)
-        mbit = 0x80 if mask else 0
-        if n < 126:
-            head += bytes([mbit | n])
-        elif n < 65536:
-            head += bytes([mbit | 126]) + struct.pack("!H", n)
-        else:
-            head += bytes([mbit | 127]) + struct.pack("!Q", n)
-        if mask:
-            key = os.urandom(4)
-            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-            head += key
-        self.sock.sendall(head + payload)
+        self.sock.sendall(encode(opcode, payload, fin, mask, rsv))
 
     def send_text(self, text: str) -> None:
         self.send_frame(0x1, text.encode())

@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import test from "node:test";
 
 import { TetherClient, backoffCap, backoffDelay, sleptThrough } from "../../src/tether/static/tether.js";
-import { ManualClock, fakeWebSocketClass, randoms } from "./helpers.mjs";
+import { ManualClock, clientOn, randoms } from "./helpers.mjs";
 
 test("the cap doubles from 1 s and stops at 30 s", () => {
   const caps = [1, 2, 3, 4, 5, 6, 7, 20, 1000].map((n) => backoffCap(n));
@@ -53,18 +53,7 @@ test("a timer that fires far later than due means a sleep", () => {
 });
 
 function client(clock, extra = {}) {
-  const { FakeWebSocket, sockets } = fakeWebSocketClass();
-  const c = new TetherClient({
-    url: "ws://hub.test/ws",
-    WebSocket: FakeWebSocket,
-    now: clock.now,
-    perfNow: clock.perfNow,
-    setTimeout: clock.setTimeout,
-    clearTimeout: clock.clearTimeout,
-    env: {},
-    ...extra,
-  });
-  return { c, sockets };
+  return clientOn(TetherClient, clock, extra);
 }
 
 test("the client's retries follow the sequence, capped, and reset after a stable connection", () => {

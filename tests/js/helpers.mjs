@@ -117,3 +117,19 @@ export function randoms(...values) {
   let i = 0;
   return () => values[i++ % values.length];
 }
+
+/** A TetherClient on `clock` with a fake WebSocket class; `options` override the defaults. */
+export function clientOn(TetherClient, clock, options = {}) {
+  const { FakeWebSocket, sockets } = fakeWebSocketClass();
+  const c = new TetherClient({
+    url: "ws://hub.test/ws",
+    WebSocket: FakeWebSocket,
+    now: clock.now,
+    perfNow: clock.perfNow,
+    setTimeout: clock.setTimeout,
+    clearTimeout: clock.clearTimeout,
+    env: {},
+    ...options,
+  });
+  return { c, sockets };
+}

@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import test from "node:test";
 
 import { TetherClient, connectUrl } from "../../src/tether/static/tether.js";
-import { ManualClock, fakeWebSocketClass, randoms } from "./helpers.mjs";
+import { ManualClock, clientOn, randoms } from "./helpers.mjs";
 
 test("connectUrl carries topics and since", () => {
   assert.equal(connectUrl("ws://h:1/ws"), "ws://h:1/ws");
@@ -14,18 +14,7 @@ test("connectUrl carries topics and since", () => {
 
 function setup(options = {}) {
   const clock = new ManualClock();
-  const { FakeWebSocket, sockets } = fakeWebSocketClass();
-  const c = new TetherClient({
-    url: "ws://hub.test/ws",
-    WebSocket: FakeWebSocket,
-    now: clock.now,
-    perfNow: clock.perfNow,
-    setTimeout: clock.setTimeout,
-    clearTimeout: clock.clearTimeout,
-    random: randoms(0.5),
-    env: {},
-    ...options,
-  });
+  const { c, sockets } = clientOn(TetherClient, clock, { random: randoms(0.5), ...options });
   return { clock, c, sockets };
 }
 

@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import test from "node:test";
 
 import { TetherClient, pongDeadline, watchdogAction } from "../../src/tether/static/tether.js";
-import { FakePage, ManualClock, fakeWebSocketClass, randoms } from "./helpers.mjs";
+import { FakePage, ManualClock, clientOn, randoms } from "./helpers.mjs";
 
 const OPTS = { pingInterval: 20_000, pongTimeout: 10_000, hiddenSlack: 60_000 };
 
@@ -31,18 +31,10 @@ test("hidden tabs get at least 60 s of slack", () => {
 function setup(extra = {}) {
   const clock = new ManualClock();
   const page = new FakePage();
-  const { FakeWebSocket, sockets } = fakeWebSocketClass();
-  const c = new TetherClient({
-    url: "ws://hub.test/ws",
-    WebSocket: FakeWebSocket,
-    now: clock.now,
-    perfNow: clock.perfNow,
-    setTimeout: clock.setTimeout,
-    clearTimeout: clock.clearTimeout,
+  const { c, sockets } = clientOn(TetherClient, clock, {
     random: randoms(0.5),
     document: page,
     window: page,
-    env: {},
     pingInterval: 1000,
     pongTimeout: 500,
     checkInterval: 100,
