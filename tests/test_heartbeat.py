@@ -236,3 +236,37 @@ def test_invalid_parameters() -> None:
         Heartbeat(0, 2)
     with pytest.raises(ValueError):
         Heartbeat(1, 0)
+
+
+def test_batching_lead_groups_pings_and_keeps_the_bound_from_the_last_answer() -> None:
+    """With lead L, ticks come at most every ~L; a close still lands within (K+1)·I."""
+    clock = ManualClock()
+    hb: Heartbeat[int] = Heartbeat(30.0, 2)
+    lead = 0.1
+    for n in range(19_000):
+        hb.add(n, clock.now())
+    ticks = 0
+    while clock.now() < 1000 + 30.0:
+        due = hb.next_due()
+        assert due is not None
+        clock.advance(max(0.0, due - clock.now()))
+        t = hb.tick(clock.now(), lead)
+        ticks += 1
+        for b in t.ping:
+            hb.pong(b, b.ping_id, clock.now())
+    assert ticks <= 30.0 / lead + 2  # ~300 groups of ~63, not 19,000 wake-ups
+    # A peer whose last answered ping went out early in a batch, then died.
+    hb2: Heartbeat[str] = Heartbeat(1.0, 2)
+    beat = hb2.add("x", clock.now())
+    answered = 0
+    while True:
+        due = hb2.next_due()
+        assert due is not None
+        clock.advance(max(0.0, due - clock.now()))
+        t = hb2.tick(clock.now(), 0.2)  # pings may go out 200 ms early
+        if t.ping and answered < 3:
+            hb2.pong(beat, beat.ping_id, clock.now())
+            answered += 1
+        if t.stale:
+            break
+    assert 2.0 - hb2.margin - 0.2 <= clock.now() - beat.last_seen <= 3.0

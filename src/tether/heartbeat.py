@@ -90,7 +90,8 @@ class Heartbeat(Generic[T]):
         self.tolerance = min(0.25 * interval, max(0.05, 0.1 * interval))
         # How far ahead of its grid time a final (stale-making) check runs.
         self.margin = min(0.005, self.tolerance / 4)
-        self._heap: list[tuple[float, int, Beat[T]]] = []
+        self._heap: list[tuple[float, int, Beat[T]]] = []  # pings and ordinary checks
+        self._finals: list[tuple[float, int, Beat[T]]] = []  # checks that would close
         self._added = 0
         self._next_ping_id = 0
         self.count = 0
@@ -138,72 +139,93 @@ class Heartbeat(Generic[T]):
 
     def next_due(self) -> float | None:
         """When the next tick has work, or None when nothing is tracked."""
-        heap = self._heap
+        times = [h[0][0] for h in (self._heap, self._finals) if self._top(h) is not None]
+        return min(times) if times else None
+
+    @staticmethod
+    def _top(heap: list[tuple[float, int, Beat[T]]]) -> Beat[T] | None:
         while heap and not heap[0][2].alive:
             heapq.heappop(heap)
-        return heap[0][0] if heap else None
+        return heap[0][2] if heap else None
 
     def tick(self, now: float, lead: float = 0.0) -> Tick[T]:
-        """Process every connection due at or before `now + lead`.
+        """Process final checks due by `now`, and pings and other checks due by `now + lead`.
 
-        A caller that batches nearby due times into one tick passes that batching
-        window as `lead` (at most `margin / 2`): batching makes work a little
-        early, never late.
+        A caller that batches ticks passes the batching window as `lead`: pings
+        and ordinary checks then run up to `lead` early (never late), in groups.
+        Final (stale-making) checks are kept apart and run at their own time, so
+        batching never moves a close earlier or later.
         """
         result: Tick[T] = Tick()
-        heap = self._heap
-        interval = self.interval
-        tolerance = self.tolerance
-        horizon = now + min(lead, self.margin / 2)
+        horizon = now + min(lead, self.tolerance / 4)
+        finals, heap = self._finals, self._heap
+        due: list[tuple[float, int, Beat[T]]] = []
+        while finals and finals[0][0] <= now:
+            due.append(heapq.heappop(finals))
         while heap and heap[0][0] <= horizon:
-            at, _, beat = heapq.heappop(heap)
-            if not beat.alive:
-                continue
-            if beat.outstanding:
-                if now - at > tolerance:
-                    result.voided += 1  # late: the answer may be unread; count nothing
-                elif now - beat.ping_at >= interval - tolerance:
-                    beat.misses += 1
-                    if beat.misses >= self.missed:
-                        beat.alive = False
-                        self.count -= 1
-                        self.stale_closed += 1
-                        result.stale.append(beat)
-                        continue
-                else:
-                    # The last ping went out late and is younger than I: wait for it.
-                    self._next_on_grid(beat, now)
-                    continue
-            elif at < beat.due - self.margin / 2:
-                # An early final check found the client alive: ping on its grid.
-                heapq.heappush(heap, (beat.due, beat.key, beat))
-                continue
-            self._next_ping_id += 1
-            beat.ping_id = self._next_ping_id
-            beat.ping_at = now
-            beat.outstanding = True
-            result.ping.append(beat)
-            self._next_on_grid(beat, now)
+            due.append(heapq.heappop(heap))
+        for entry in due:  # what they queue again waits for a later tick
+            self._process(entry, now, result)
         self.pings_sent += len(result.ping)
         self.voided += result.voided
         return result
 
+    def _process(self, entry: tuple[float, int, Beat[T]], now: float, result: Tick[T]) -> None:
+        at, _, beat = entry
+        if not beat.alive:
+            return
+        interval = self.interval
+        tolerance = self.tolerance
+        if beat.outstanding:
+            if now - at > tolerance:
+                result.voided += 1  # late: the answer may be unread; count nothing
+            elif now - beat.ping_at >= interval - tolerance:
+                beat.misses += 1
+                if beat.misses >= self.missed:
+                    beat.alive = False
+                    self.count -= 1
+                    self.stale_closed += 1
+                    result.stale.append(beat)
+                    return
+            else:
+                # The last ping went out late and is younger than I: wait for it.
+                self._next_on_grid(beat, now)
+                return
+        elif at < beat.due - self.margin / 2:
+            # An early final check found the client alive: ping on its grid.
+            heapq.heappush(self._heap, (beat.due, beat.key, beat))
+            return
+        self._next_ping_id += 1
+        beat.ping_id = self._next_ping_id
+        beat.ping_at = now
+        beat.outstanding = True
+        result.ping.append(beat)
+        self._next_on_grid(beat, now)
+
     def _next_on_grid(self, beat: Beat[T], now: float) -> None:
         """Queue the beat's next due time after `now`, keeping its phase.
 
-        When the next miss would make it stale, its final check is queued
-        `margin` ahead of the grid: batching and ordinary loop latency then never
-        carry detection past (K+1)·I.
+        When the next miss would make it stale, its final check goes to the
+        finals heap, `margin` ahead of its grid time (or of the ping's age
+        reaching I, if that ping went out late, but never past (K+1)·I after the
+        last sign of life): ordinary loop latency then never carries detection
+        past (K+1)·I.
         """
         interval = self.interval
         nxt = beat.due + interval
         if nxt <= now:
             nxt = beat.due + interval * (math.floor((now - beat.due) / interval) + 1)
         beat.due = nxt
-        at = nxt
         if beat.outstanding and beat.misses == self.missed - 1:
-            at = max(now, min(nxt, beat.ping_at + interval) - self.margin)
-        heapq.heappush(self._heap, (at, beat.key, beat))
+            at = max(nxt, beat.ping_at + interval)
+            # Never past (K+1)·I of the last sign of life, even when the ping that
+            # it answered had gone out early in a batch.
+            at = min(at, beat.last_seen + (self.missed + 1) * interval) - self.margin
+            # ...and never before the ping has had (all but `tolerance` of) I to answer.
+            at = max(now, at, beat.ping_at + interval - self.tolerance)
+            heapq.heappush(self._finals, (at, beat.key, beat))
+        else:
+            heapq.heappush(self._heap, (nxt, beat.key, beat))
 
 
 def encode_ping_id(ping_id: int) -> bytes:

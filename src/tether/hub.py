@@ -164,10 +164,15 @@ class Hub:
         self._tick_pending = False
         self._ticked_at = float("-inf")
         self._min_gap = 0.0
+        self._lead = 0.0
         if self.heartbeat is not None:
-            # Coalesce ticks: at most one every ~2.5 ms, each taking the due times of
-            # the next ~2.5 ms a little early (so batching never makes a check late).
-            self._min_gap = self.heartbeat.margin / 2
+            hb = self.heartbeat
+            # Ticks at most every margin/2 (2.5 ms), so a final check is never later
+            # than its margin; each tick also takes the pings due in the next `_lead`
+            # (10 ms to 100 ms: I/300), so pings, and the pongs that answer them, come
+            # in groups that one loop pass handles (fewer wake-ups at large I).
+            self._min_gap = hb.margin / 2
+            self._lead = min(hb.tolerance / 4, max(0.01, min(0.1, hb.interval / 300)))
         self._lag_handle: asyncio.TimerHandle | None = None
         self._lag_expected = 0.0
         self._lag_period = 0.25
@@ -611,9 +616,7 @@ class Hub:
         if self._tick_pending:
             return  # the pending tick reschedules after it runs
         now = self.clock.now()
-        # Ticks batch the due times of the next `_min_gap` (heartbeat.tick's lead),
-        # so there are at most ~100 ticks a second and none runs late by design.
-        when = max(due - self._min_gap, now, self._ticked_at + self._min_gap)
+        when = max(due, now, self._ticked_at + self._min_gap)
         if self._timer is not None:
             if self._timer_when <= when:
                 return
@@ -636,7 +639,7 @@ class Hub:
         if heartbeat is None or not self._heartbeat_running:
             return
         now = self.clock.now()
-        result = heartbeat.tick(now, self._min_gap)
+        result = heartbeat.tick(now, self._lead)
         pinged = 0
         for beat in result.ping:
             conn = beat.owner
