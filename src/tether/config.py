@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from tether.errors import ConfigError
@@ -280,14 +280,3 @@ def _check_relations(s: Settings) -> None:
         )
     if s.workers > 1 and not s.redis_url:
         raise ConfigError("REDIS_URL", f"is required with --workers {s.workers} (> 1)")
-
-
-def describe() -> list[tuple[str, str, str]]:
-    """(variable, default, meaning) rows, for the README and `--help`."""
-    defaults = {f.name: f.default for f in fields(Settings)}
-    rows = []
-    for o in OPTIONS:
-        default = defaults[o.field]
-        shown = "" if default in (None, ()) else str(default)
-        rows.append((o.env, shown, o.help))
-    return rows

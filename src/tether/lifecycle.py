@@ -46,10 +46,6 @@ class Lifecycle:
         """Run `handler` at shutdown; higher priority runs earlier, ties in registration order."""
         self._entries.append(_Entry(name, handler, priority, len(self._entries)))
 
-    @property
-    def handler_names(self) -> list[str]:
-        return [e.name for e in self._ordered()]
-
     def _ordered(self) -> list[_Entry]:
         return sorted(self._entries, key=lambda e: (-e.priority, e.order))
 
