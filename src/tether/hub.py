@@ -471,8 +471,11 @@ class Hub:
         if peer.is_closing():
             conn.closing = True
             return False
-        buffered = peer.buffered() + conn.outq_bytes
-        conn.paused = paused = self.backpressure.paused(conn.paused, buffered)
+        # Paused: judged by what the client has not taken (the transport's buffer);
+        # too slow: by everything held for it, the frames queued for this flush too.
+        taken_slowly = peer.buffered()
+        conn.paused = paused = self.backpressure.paused(conn.paused, taken_slowly)
+        buffered = taken_slowly + conn.outq_bytes
         decision = self.backpressure.decide(paused, buffered, len(frame), priority)
         if decision is Decision.SEND:
             queue = conn.outq
@@ -751,7 +754,8 @@ class Hub:
                     last_pong = mono_to_iso(self.clock, beat.last_pong)
                 if beat.rtt is not None:
                     rtt = round(beat.rtt * 1000, 3)
-            buffered = conn.peer.buffered() + conn.outq_bytes
+            unread = conn.peer.buffered()
+            buffered = unread + conn.outq_bytes
             out.append(
                 {
                     "sessionId": conn.session_id,
@@ -760,7 +764,7 @@ class Hub:
                     "lastPong": last_pong,
                     "rttMs": rtt,
                     "buffered": buffered,
-                    "paused": self.backpressure.paused(conn.paused, buffered),
+                    "paused": self.backpressure.paused(conn.paused, unread),
                     "skipped": conn.skipped,
                     "topics": sorted(conn.topics),
                     "lastSeq": dict(conn.last_seq),

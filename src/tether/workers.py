@@ -195,7 +195,9 @@ class Supervisor:
         if self.stopping:
             return None
         log.error("Worker failed to start", index=index, pid=proc.pid, status=code)
-        return code or 1
+        # 2 is tether's "could not start" status, whatever the worker's own status
+        # (asyncio may report 255 for a child it could not reap itself).
+        return 2
 
     async def _supervise(self) -> int:
         """Until a signal: restart a worker that dies; then wait for all of them."""
