@@ -339,3 +339,17 @@ async def test_tether_is_usable_without_cli(log_capture: LogCapture) -> None:
     assert log_capture.find("Heartbeat disabled (interval <= 0)")
     assert (await get_json(f"{t.url}/health"))["heartbeat"]["enabled"] is False
     assert await t.stop() is True
+
+
+async def test_a_burst_of_large_messages_does_not_pause_a_reading_client(
+    start_tether: StartTether,
+) -> None:
+    """Frames queued for one flush are not the client's backlog: nothing is skipped."""
+    t = await start_tether(heartbeat_interval_ms=0)
+    async with aiohttp.ClientSession() as s, s.ws_connect(f"ws://127.0.0.1:{t.port}/ws") as ws:
+        await ws.receive_json()
+        for i in range(5):  # one loop pass: all five sit in the queue together
+            await t.publish({"type": "big", "payload": {"i": i, "pad": "p" * 60_000}})
+        got = [(await ws.receive_json(timeout=5))["payload"]["i"] for _ in range(5)]
+        assert got == [0, 1, 2, 3, 4]
+        assert t.hub.health()["messages"]["skipped"] == {"high": 0, "normal": 0, "low": 0}
