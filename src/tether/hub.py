@@ -167,11 +167,11 @@ class Hub:
         self._lead = 0.0
         if self.heartbeat is not None:
             hb = self.heartbeat
-            # Ticks at most every margin/2 (2.5 ms), so a final check is never later
-            # than its margin; each tick also takes the pings due in the next `_lead`
+            # Ticks at most every 1 ms, so a final check is never later than a
+            # fraction of its margin; each tick also takes the pings due in the next `_lead`
             # (10 ms to 100 ms: I/300), so pings, and the pongs that answer them, come
             # in groups that one loop pass handles (fewer wake-ups at large I).
-            self._min_gap = hb.margin / 2
+            self._min_gap = min(0.001, hb.margin / 4)
             self._lead = min(hb.tolerance / 4, max(0.01, min(0.1, hb.interval / 300)))
         self._lag_handle: asyncio.TimerHandle | None = None
         self._lag_expected = 0.0
