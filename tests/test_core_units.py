@@ -150,3 +150,17 @@ def test_frames_length_encodings() -> None:
     assert frames.close(1000, "bye") == b"\x88\x05\x03\xe8bye"
     with pytest.raises(ValueError):
         frames.ping(b"x" * 126)
+
+
+def test_mask_check_finds_whole_pong_frames_and_unmasks_them() -> None:
+    from tests.wsraw import encode
+
+    pong = encode(0xA, b"\x00\x00\x00\x00\x00\x00\x00\x07")
+    text = encode(0x1, b'{"type":"ping"}')
+    check = frames.MaskCheck()
+    data = text + pong + text + pong[:5]  # the last pong is cut: left to the parser
+    assert check.feed(data) is None
+    start = len(text)
+    assert check.pongs == [(start, start + len(pong))]
+    assert frames.unmask_control(data, start, start + len(pong)) == b"\x00" * 7 + b"\x07"
+    assert check.feed(pong[5:]) is None and check.pongs == []

@@ -333,7 +333,7 @@ async def test_workers_stop_when_the_supervisor_is_killed(redis_server: RedisSer
     try:
         pids = server.wait_for("Workers ready")["data"]["pids"]
         server.signal(9)  # SIGKILL: the parent cannot forward anything
-        await until(lambda: all(_gone(pid) for pid in pids), 5, "orphaned workers exit")
+        await until(lambda: all(_gone(pid) for pid in pids), 10, "orphaned workers exit")
         assert "Supervisor gone, stopping this worker" in server.text()
     finally:
         server.stop()

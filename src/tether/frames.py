@@ -35,6 +35,12 @@ def text(payload: bytes) -> bytes:
     return frame(OP_TEXT, payload)
 
 
+def unmask_control(data: bytes | bytearray | memoryview, start: int, end: int) -> bytes:
+    """The payload of the masked control frame at data[start:end] (§5.3)."""
+    key = data[start + 2 : start + 6]
+    return bytes(b ^ key[i & 3] for i, b in enumerate(data[start + 6 : end]))
+
+
 def binary(payload: bytes) -> bytes:
     """A binary frame."""
     return frame(OP_BINARY, payload)
@@ -66,15 +72,21 @@ class MaskCheck:
     each) and skips payloads by their length.
     """
 
-    __slots__ = ("_head", "_skip")
+    __slots__ = ("_head", "_skip", "pongs")
 
     def __init__(self) -> None:
         self._head = bytearray()  # header bytes of the frame being read
         self._skip = 0  # payload bytes of the current frame still to pass over
+        # (start, end) of each whole pong frame in the last chunk fed, so the
+        # caller can answer it without the full parser (see server.py).
+        self.pongs: list[tuple[int, int]] = []
 
     def feed(self, data: bytes | bytearray | memoryview) -> int | None:
         """Where the first unmasked frame starts in `data` (0 if in an earlier chunk), else None."""
         pos, end = 0, len(data)
+        pongs = self.pongs
+        if pongs:
+            pongs.clear()
         while pos < end:
             if self._skip:  # inside a payload
                 step = min(self._skip, end - pos)
@@ -93,6 +105,8 @@ class MaskCheck:
                     size, header = int.from_bytes(data[pos + 2 : pos + 10], "big"), 14
                 else:
                     header = 6
+                if data[pos] == 0x8A and size <= 125 and pos + header + size <= end:
+                    pongs.append((pos, pos + header + size))  # FIN + pong, all here
                 pos += header
                 self._skip = size
                 continue

@@ -86,26 +86,46 @@ class AiohttpPeer:
 
 
 class _MaskedFramesOnly:
-    """aiohttp's frame parser, fed only while every client frame is masked (RFC 6455 §5.1)."""
+    """aiohttp's frame parser, fed only while every client frame is masked (RFC 6455 §5.1).
 
-    __slots__ = ("_check", "_failed", "_on_unmasked", "_parser")
+    Whole pong frames found on the way are answered here (their payload goes to
+    `on_pong`) and not passed on: a heartbeat pong then costs no parse and no
+    wake-up of the connection's handler task.
+    """
 
-    def __init__(self, parser: Any, on_unmasked: Callable[[], None]) -> None:
+    __slots__ = ("_check", "_failed", "_on_pong", "_on_unmasked", "_parser")
+
+    def __init__(self, parser: Any, on_unmasked: Callable[[], None],
+                 on_pong: Callable[[bytes], object]) -> None:
         self._parser = parser
         self._check = frames.MaskCheck()
         self._on_unmasked = on_unmasked
+        self._on_pong = on_pong
         self._failed = False
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         if self._failed:
             return False, b""
-        bad = self._check.feed(data)
+        check = self._check
+        bad = check.feed(data)
+        limit = len(data) if bad is None else bad
+        rest: bytes = data if bad is None else data[:bad]
+        if check.pongs:
+            parts, last = [], 0
+            for start, end in check.pongs:
+                self._on_pong(frames.unmask_control(data, start, end))
+                parts.append(data[last:start])
+                last = end
+            parts.append(data[last:limit])
+            rest = b"".join(parts)
         if bad is None:
-            result: tuple[bool, bytes] = self._parser.feed_data(data)
+            if not rest:
+                return False, b""
+            result: tuple[bool, bytes] = self._parser.feed_data(rest)
             return result
         self._failed = True
-        if bad:
-            self._parser.feed_data(data[:bad])  # the masked frames before it still count
+        if rest:
+            self._parser.feed_data(rest)  # the masked frames before it still count
         self._on_unmasked()
         return False, b""
 
@@ -113,7 +133,8 @@ class _MaskedFramesOnly:
         self._parser.feed_eof()
 
 
-def _require_masked_frames(request: web.Request, on_unmasked: Callable[[], None]) -> None:
+def _require_masked_frames(request: web.Request, on_unmasked: Callable[[], None],
+                           on_pong: Callable[[bytes], object]) -> None:
     """Put the mask check in front of the parser `ws.prepare` installed.
 
     A server must close the connection on an unmasked client frame (§5.1), with
@@ -128,7 +149,7 @@ def _require_masked_frames(request: web.Request, on_unmasked: Callable[[], None]
             _mask_check_missing = True
             log.warn("Unmasked client frames are not checked with this aiohttp version")
         return
-    protocol._payload_parser = _MaskedFramesOnly(parser, on_unmasked)
+    protocol._payload_parser = _MaskedFramesOnly(parser, on_unmasked, on_pong)
 
 
 _mask_check_missing = False
@@ -199,7 +220,8 @@ class Routes:
             return ws
         peer = AiohttpPeer(ws, transport)
         conn = hub.open(peer, request.remote or "?", topics)
-        _require_masked_frames(request, lambda: hub.kill(conn, *codes.UNMASKED_FRAME))
+        _require_masked_frames(request, lambda: hub.kill(conn, *codes.UNMASKED_FRAME),
+                               lambda payload: hub.pong(conn, payload))
         code: int | None = None
         reason = ""
         try:
