@@ -108,35 +108,51 @@ async def test_outage_publish_fails_node_recovers_and_renumbers(
         await node.stop()
 
 
+class CutOffNode:
+    """A node watching topic t, and a raw client that cuts it off and publishes meanwhile."""
+
+    def __init__(self, redis_server: RedisServer) -> None:
+        self.prefix = f"test:{uuid.uuid4().hex[:8]}:"
+        self.got: list[Message] = []
+        self.node = RedisBackplane(redis_server.url, 100, prefix=self.prefix)
+        self.raw = aioredis.Redis.from_url(redis_server.url)
+
+    async def __aenter__(self) -> CutOffNode:
+        await self.node.start(self.got.append)
+        self.node.watch({"t"})
+        await until(lambda: self.node.state()["pending"] == 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.raw.aclose()
+        await self.node.stop()
+
+    async def cut_off_and_publish(self, n: int, trim_to: int | None = None) -> None:
+        """Kill the node's connections, publish `n` behind its back, maybe trim the stream."""
+        pipe = self.raw.pipeline(transaction=False)
+        pipe.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        for i in range(n):
+            pipe.execute_command("EVAL", PUBLISH_LUA, 2, f"{self.prefix}seq:t",
+                                 f"{self.prefix}log:t", 1000, 1,
+                                 f'{{"type":"note","payload":{{"i":{i}}}}}')
+        if trim_to is not None:
+            pipe.execute_command("XTRIM", f"{self.prefix}log:t", "MAXLEN", trim_to)
+        await pipe.execute()
+
+
 async def test_messages_trimmed_while_away_become_a_resync_notice(
     redis_server: RedisServer,
 ) -> None:
-    prefix = f"test:{uuid.uuid4().hex[:8]}:"
-    got: list[Message] = []
-    node = RedisBackplane(redis_server.url, 100, prefix=prefix)
-    await node.start(got.append)
-    raw = aioredis.Redis.from_url(redis_server.url)
-    try:
-        node.watch({"t"})
-        await until(lambda: node.state()["pending"] == 0)
+    async with CutOffNode(redis_server) as c:
         for i in range(3):
-            await node.publish(prepare(event("t", i)))
-        await until(lambda: len(got) == 3)
+            await c.node.publish(prepare(event("t", i)))
+        await until(lambda: len(c.got) == 3)
         # Cut the node off, publish 5 more and trim the stream to 2 before it is back.
-        pipe = raw.pipeline(transaction=False)
-        pipe.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-        for i in range(5):
-            pipe.execute_command("EVAL", PUBLISH_LUA, 2, f"{prefix}seq:t", f"{prefix}log:t",
-                                 1000, 1, f'{{"type":"note","payload":{{"i":{i}}}}}')
-        pipe.execute_command("XTRIM", f"{prefix}log:t", "MAXLEN", 2)
-        await pipe.execute()
-        await until(lambda: len(got) >= 6)
-        assert [(m.seq, bool(m.data)) for m in got] == [
+        await c.cut_off_and_publish(5, trim_to=2)
+        await until(lambda: len(c.got) >= 6)
+        assert [(m.seq, bool(m.data)) for m in c.got] == [
             (1, True), (2, True), (3, True), (6, False), (7, True), (8, True)]
-        assert node.state()["resyncs"] == 1
-    finally:
-        await raw.aclose()
-        await node.stop()
+        assert c.node.state()["resyncs"] == 1
 
 
 async def test_a_url_redis_cannot_use_is_a_clear_error() -> None:
@@ -147,29 +163,14 @@ async def test_a_url_redis_cannot_use_is_a_clear_error() -> None:
 
 
 async def test_reader_resumes_after_the_last_seq_it_delivered(redis_server: RedisServer) -> None:
-    prefix = f"test:{uuid.uuid4().hex[:8]}:"
-    got: list[Message] = []
-    node = RedisBackplane(redis_server.url, 100, prefix=prefix)
-    await node.start(got.append)
-    raw = aioredis.Redis.from_url(redis_server.url)
-    try:
-        node.watch({"t"})
-        await until(lambda: node.state()["pending"] == 0)
-        await node.publish(prepare(event("t", 0)))
-        await until(lambda: len(got) == 1)
+    async with CutOffNode(redis_server) as c:
+        await c.node.publish(prepare(event("t", 0)))
+        await until(lambda: len(c.got) == 1)
         # Cut the node's connections and publish while it is away: nothing is lost.
-        pipe = raw.pipeline(transaction=False)
-        pipe.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-        for i in range(4):
-            pipe.execute_command("EVAL", PUBLISH_LUA, 2, f"{prefix}seq:t", f"{prefix}log:t",
-                                 1000, 1, f'{{"type":"note","payload":{{"i":{i}}}}}')
-        await pipe.execute()
-        await until(lambda: len(got) == 5)
-        assert [m.seq for m in got] == [1, 2, 3, 4, 5] and all(m.data for m in got)
-        assert node.state()["resyncs"] == 0
-    finally:
-        await raw.aclose()
-        await node.stop()
+        await c.cut_off_and_publish(4)
+        await until(lambda: len(c.got) == 5)
+        assert [m.seq for m in c.got] == [1, 2, 3, 4, 5] and all(m.data for m in c.got)
+        assert c.node.state()["resyncs"] == 0
 
 
 def test_serve_exits_2_when_redis_is_unreachable() -> None:
