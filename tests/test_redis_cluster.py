@@ -337,3 +337,15 @@ async def test_workers_stop_when_the_supervisor_is_killed(redis_server: RedisSer
         assert "Supervisor gone, stopping this worker" in server.text()
     finally:
         server.stop()
+
+
+def test_a_worker_checks_the_supervisor_pid_it_was_given() -> None:
+    """The pid comes from the supervisor, so a worker orphaned before it looked still notices."""
+    server = ServerProcess(env={"TETHER_WORKER": "0", "TETHER_SUPERVISOR_PID": "999999999"})
+    server.start()
+    try:
+        assert server.proc is not None
+        assert server.proc.wait(10) == 0  # stopped cleanly by itself
+        assert server.find("Supervisor gone, stopping this worker")
+    finally:
+        server.stop()

@@ -169,8 +169,8 @@ async def serve(settings: Settings) -> int:
         log.error("Cannot listen", host=settings.host, port=settings.port, error=str(exc))
         await tether.backplane.stop()
         return 2
-    ready()  # tells a `--workers` parent that this process is listening
     orphan_guard = watch_parent(tether.lifecycle.request_stop)
+    ready()  # tells a `--workers` parent that this process is listening
     name = await tether.lifecycle.wait()
     if orphan_guard is not None:
         orphan_guard.cancel()

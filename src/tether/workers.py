@@ -29,6 +29,7 @@ log = get_logger("workers")
 
 WORKER_ENV = "TETHER_WORKER"  # set in each worker: its index
 READY_FD_ENV = "TETHER_READY_FD"  # the pipe a worker writes to once it listens
+PARENT_ENV = "TETHER_SUPERVISOR_PID"  # the supervisor's pid, as it set it
 START_TIMEOUT = 30.0
 RESTART_DELAY = 1.0
 PARENT_POLL = 0.5  # seconds between checks that the parent lives
@@ -54,7 +55,12 @@ def watch_parent(stop: Callable[[str], None]) -> asyncio.Task[None] | None:
     """In a worker: stop when the supervising parent is gone (it was SIGKILLed)."""
     if WORKER_ENV not in os.environ:
         return None
-    parent = os.getppid()
+    # The pid the supervisor wrote, not getppid() now: a supervisor killed right
+    # after this worker said it was ready has already left it to pid 1.
+    try:
+        parent = int(os.environ[PARENT_ENV])
+    except (KeyError, ValueError):
+        parent = os.getppid()
 
     async def poll() -> None:
         while True:
@@ -176,7 +182,8 @@ class Supervisor:
     async def _start(self, index: int) -> int | None:
         """Start worker `index` and wait until it listens; None, or its failing status."""
         read_fd, write_fd = os.pipe()
-        env = {**self.env, WORKER_ENV: str(index), READY_FD_ENV: str(write_fd)}
+        env = {**self.env, WORKER_ENV: str(index), READY_FD_ENV: str(write_fd),
+               PARENT_ENV: str(os.getpid())}
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tether", "serve", env=env, pass_fds=(write_fd,),
