@@ -13,12 +13,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.support import free_port
+from tests.support import ROOT, free_port
 
 
 class RedisServer:
@@ -87,3 +88,12 @@ def running_redis() -> Iterator[RedisServer]:
     finally:
         server.close()
 
+
+def serve_without_redis(
+    extra_env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[bytes]:
+    """`tether serve` pointed at a Redis port where nothing listens; runs to its exit."""
+    env = {**os.environ, "PORT": "0", "LOG_LEVEL": "info",
+           "REDIS_URL": f"redis://127.0.0.1:{free_port()}", **extra_env}
+    return subprocess.run([sys.executable, "-m", "tether", "serve"], env=env, cwd=ROOT,
+                          capture_output=True, timeout=timeout)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,8 +10,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from tests.redis_server import RedisServer, running_redis
-from tests.support import ROOT, free_port
+from tests.redis_server import RedisServer, running_redis, serve_without_redis
+from tests.support import free_port
 from tether.backplane.redis import PUBLISH_LUA, RedisBackplane, redact
 from tether.errors import BackplaneError
 from tether.message import Message, prepare
@@ -174,10 +171,7 @@ async def test_reader_resumes_after_the_last_seq_it_delivered(redis_server: Redi
 
 
 def test_serve_exits_2_when_redis_is_unreachable() -> None:
-    env = {**os.environ, "PORT": "0", "LOG_LEVEL": "info",
-           "REDIS_URL": f"redis://127.0.0.1:{free_port()}"}  # nothing listens there
-    done = subprocess.run([sys.executable, "-m", "tether", "serve"], env=env, cwd=ROOT,
-                          capture_output=True, timeout=20)
+    done = serve_without_redis({}, timeout=20)
     assert done.returncode == 2, done.stdout[-2000:]
     assert b"Cannot start the backplane" in done.stdout
     assert b"cannot reach Redis at redis://127.0.0.1:" in done.stdout

@@ -7,10 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -18,8 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.redis_server import RedisServer, running_redis
-from tests.support import ROOT, ServerProcess, free_port
+from tests.redis_server import RedisServer, running_redis, serve_without_redis
+from tests.support import ServerProcess
 
 pytestmark = pytest.mark.redis
 
@@ -250,10 +247,7 @@ def _gone(pid: int) -> bool:
 
 
 def test_workers_exit_non_zero_when_a_worker_cannot_start() -> None:
-    env = {**os.environ, "PORT": "0", "TETHER_WORKERS": "2", "LOG_LEVEL": "info",
-           "REDIS_URL": f"redis://127.0.0.1:{free_port()}"}  # nothing listens there
-    done = subprocess.run([sys.executable, "-m", "tether", "serve"], env=env, cwd=ROOT,
-                          capture_output=True, timeout=30)
+    done = serve_without_redis({"TETHER_WORKERS": "2"}, timeout=30)
     assert done.returncode == 2, done.stdout[-2000:]
     assert b"Cannot start the backplane" in done.stdout
     assert b"Worker failed to start" in done.stdout
