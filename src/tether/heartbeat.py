@@ -1,8 +1,9 @@
 """The heartbeat's decisions, with no I/O: whom to ping now, who is stale, each RTT (SPEC §4).
 
 The caller passes `now` (monotonic seconds) to every method; nothing here reads a
-clock, sleeps or touches a socket. One `Heartbeat` schedules every connection on a
-heap keyed by its next due time, so a tick costs O(due · log n), never O(n).
+clock, sleeps or touches a socket. One `Heartbeat` schedules every connection on
+heaps keyed by the next due time (pings and ordinary checks on one, checks that
+would close a connection on another), so a tick costs O(due · log n), never O(n).
 
 The rules, for interval I and threshold K:
 
@@ -20,7 +21,8 @@ The rules, for interval I and threshold K:
   (their due times fell inside the stall) are simply skipped, keeping the phase.
 * Detection bound. A peer that dies just after answering is pinged at most I
   later, that ping and the next K-1 each go unanswered for I, so it is stale
-  within (K+1)·I of its last answer.
+  within (K+1)·I of its last answer. The closing check runs `margin` (5 ms)
+  ahead, so ordinary loop latency never carries it past that bound.
 """
 
 from __future__ import annotations
