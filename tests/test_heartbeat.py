@@ -51,7 +51,48 @@ def test_work_per_tick_is_proportional_to_due_connections() -> None:
     for n in range(1000):
         hb.add(n, clock.now())
     clock.advance(0.001)
-    assert len(hb.tick(clock.now()).ping) <= 5
+    assert hb.tick(clock.now()).ping == []  # no slot has come round yet
+    clock.advance(hb.resolution)
+    # One slot: its share of the connections (1000 · w / I = 10), not all of them.
+    assert 5 <= len(hb.tick(clock.now()).ping) <= 20
+
+
+def test_pings_to_one_connection_are_exactly_one_interval_apart() -> None:
+    """Each connection keeps its slot: ticks at any times ping it every I exactly."""
+    clock = ManualClock()
+    hb: Heartbeat[int] = Heartbeat(I, 2)
+    beats = [hb.add(n, clock.now()) for n in range(50)]
+    sent: dict[int, list[float]] = {n: [] for n in range(50)}
+    while clock.now() < 1000 + 6 * I:
+        due = hb.next_due()
+        assert due is not None
+        clock.advance(max(0.0, due - clock.now()) + 0.0003)  # a timer fires a bit late
+        for b in hb.tick(clock.now()).ping:
+            sent[b.owner].append(clock.now())
+            hb.pong(b, b.ping_id, clock.now())
+    assert all(b.alive for b in beats)
+    for times in sent.values():
+        assert len(times) >= 5
+        assert all(abs((b - a) - I) < 1e-6 for a, b in itertools.pairwise(times)), times
+
+
+def test_slots_are_visited_once_per_interval_and_only_when_occupied() -> None:
+    clock = ManualClock()
+    hb: Heartbeat[int] = Heartbeat(30.0, 2)
+    assert hb.resolution == pytest.approx(0.1) and hb.slots == 300
+    beat = hb.add(1, clock.now())
+    ticks = 0
+    while clock.now() < 1000 + 90.0:
+        due = hb.next_due()
+        assert due is not None
+        clock.advance(max(0.0, due - clock.now()))
+        t = hb.tick(clock.now())
+        ticks += 1
+        for b in t.ping:
+            hb.pong(b, b.ping_id, clock.now())
+    assert ticks <= 4  # one occupied slot: a tick per interval, not one per slot
+    hb.remove(beat)
+    assert hb.next_due() is None
 
 
 def test_stale_after_exactly_k_missed_pings() -> None:
@@ -72,10 +113,11 @@ def test_stale_after_exactly_k_missed_pings() -> None:
                 stale_at = clock.now()
         assert stale_at is not None and first_ping is not None
         assert pings == k  # K pings sent, all unanswered
-        # The final check runs `margin` early (so latency never breaks the bound),
+        # The closing check runs `margin` early (so latency never breaks the bound),
         # and the K pings were each unanswered for at least I - tolerance.
         assert k * I - hb.margin - 0.011 <= stale_at - first_ping <= k * I
         assert stale_at - first_ping >= k * I - hb.tolerance
+        assert k * I - hb.margin - 0.011 <= stale_at - first_ping
         assert not beat.alive and hb.count == 0 and hb.stale_closed == 1
 
 
@@ -238,11 +280,10 @@ def test_invalid_parameters() -> None:
         Heartbeat(1, 0)
 
 
-def test_batching_lead_groups_pings_and_keeps_the_bound_from_the_last_answer() -> None:
-    """With lead L, ticks come at most every ~L; a close still lands within (K+1)·I."""
+def test_grouped_pings_keep_the_bound_from_the_last_answer() -> None:
+    """Pings go out a slot (up to w) early, in groups; a close still lands within (K+1)·I."""
     clock = ManualClock()
     hb: Heartbeat[int] = Heartbeat(30.0, 2)
-    lead = 0.1
     for n in range(19_000):
         hb.add(n, clock.now())
     ticks = 0
@@ -250,23 +291,53 @@ def test_batching_lead_groups_pings_and_keeps_the_bound_from_the_last_answer() -
         due = hb.next_due()
         assert due is not None
         clock.advance(max(0.0, due - clock.now()))
-        t = hb.tick(clock.now(), lead)
+        t = hb.tick(clock.now())
         ticks += 1
         for b in t.ping:
             hb.pong(b, b.ping_id, clock.now())
-    assert ticks <= 30.0 / lead + 2  # ~300 groups of ~63, not 19,000 wake-ups
-    # A peer whose last answered ping went out early in a batch, then died.
-    hb2: Heartbeat[str] = Heartbeat(1.0, 2)
-    beat = hb2.add("x", clock.now())
-    answered = 0
-    while True:
-        due = hb2.next_due()
-        assert due is not None
-        clock.advance(max(0.0, due - clock.now()))
-        t = hb2.tick(clock.now(), 0.2)  # pings may go out 200 ms early
-        if t.ping and answered < 3:
-            hb2.pong(beat, beat.ping_id, clock.now())
-            answered += 1
-        if t.stale:
-            break
-    assert 2.0 - hb2.margin - 0.2 <= clock.now() - beat.last_seen <= 3.0
+    assert ticks <= 30.0 / hb.resolution + 2  # ~300 groups of ~63, not 19,000 wake-ups
+    # A peer that answered three pings, then died just after the third answer.
+    for resolution in (None, 0.2):
+        hb2: Heartbeat[str] = Heartbeat(1.0, 2, resolution)
+        beat = hb2.add("x", clock.now())
+        answered = 0
+        died_at = 0.0
+        while True:
+            due = hb2.next_due()
+            assert due is not None
+            clock.advance(max(0.0, due - clock.now()))
+            t = hb2.tick(clock.now())
+            if t.ping and answered < 3:
+                hb2.pong(beat, beat.ping_id, clock.now())
+                answered += 1
+                died_at = clock.now()
+            if t.stale:
+                break
+        assert 2.0 <= clock.now() - died_at <= 3.0
+        assert 3.0 - hb2.margin - 1e-9 <= clock.now() - beat.last_seen <= 3.0
+
+
+def test_closing_check_is_never_before_k_intervals_after_death() -> None:
+    """Death at any instant between two pings: closed in [K·I, (K+1)·I] of it (± margin)."""
+    for k in (1, 2):
+        for frac in (0.0005, 0.1, 0.5, 0.9, 0.9995):
+            clock = ManualClock()
+            hb: Heartbeat[str] = Heartbeat(I, k)
+            beat = hb.add("p", clock.now())
+            alive, died_at, stale_at = True, None, None
+            while stale_at is None:
+                due = hb.next_due()
+                assert due is not None
+                if alive and clock.now() > 1000 + 3.0 and died_at is None:
+                    # Dies `frac` of the way from its last answer to its next ping.
+                    died_at = clock.now() + frac * (due - clock.now())
+                    alive = False
+                clock.advance(max(0.0, due - clock.now()))
+                t = hb.tick(clock.now())
+                for b in t.ping:
+                    if alive:
+                        hb.pong(b, b.ping_id, clock.now())
+                if t.stale:
+                    stale_at = clock.now()
+            assert died_at is not None and not beat.alive
+            assert k * I - hb.margin <= stale_at - died_at <= (k + 1) * I, (k, frac)

@@ -1,28 +1,34 @@
 """The heartbeat's decisions, with no I/O: whom to ping now, who is stale, each RTT (SPEC §4).
 
 The caller passes `now` (monotonic seconds) to every method; nothing here reads a
-clock, sleeps or touches a socket. One `Heartbeat` schedules every connection on
-heaps keyed by the next due time (pings and ordinary checks on one, checks that
-would close a connection on another), so a tick costs O(due · log n), never O(n).
+clock, sleeps or touches a socket.
+
+The schedule is a wheel. The interval I is cut into S slots of width w (I/300,
+clamped to 10–100 ms); every connection lives in one slot for its whole life,
+and a slot comes round every I. A tick visits the slots whose time has come and
+handles their connections in a group: a ping costs O(1), with no per-connection
+heap or timer, and pings to one connection are exactly I apart. Only checks that
+would close a connection are timed one by one, on a small heap of their own.
 
 The rules, for interval I and threshold K:
 
-* Phases. The first ping of the n-th connection is due at connect + frac(n·φ)·I
-  (φ the golden ratio): whatever the arrival pattern, even 10,000 connections in
-  one instant, due times are spread evenly over the interval. Later pings keep
-  that phase: due, due + I, due + 2I, ...
+* Phases. The n-th connection goes to the slot at frac(n·φ)·I (φ the golden
+  ratio): whatever the arrival pattern, even 10,000 connections in one instant,
+  they are spread evenly over the interval. Its first ping comes when its slot
+  next comes round, within I of connecting.
 * Proof of life. Any inbound frame (`seen`) or pong clears the outstanding ping
   and the miss count. Outbound traffic is never passed in, so it never counts.
-* Misses. At a due time, an outstanding ping counts as missed only when it has
-  been unanswered for at least I. K misses in a row make the connection stale.
-* Stalls never count. If the tick runs late (the event loop was blocked or the
+* Misses. At a visit, an outstanding ping counts as missed only when it has been
+  unanswered for at least I. K misses in a row make the connection stale.
+* Stalls never count. If a visit runs late (the event loop was blocked or the
   process suspended), the answer may be sitting unread in a socket buffer, so a
-  late check counts no miss; it only pings again. Pings that were never sent
-  (their due times fell inside the stall) are simply skipped, keeping the phase.
+  late check counts no miss; it only pings again. Visits that fell inside the
+  stall are skipped, keeping the phase: pings never sent never count.
 * Detection bound. A peer that dies just after answering is pinged at most I
   later, that ping and the next K-1 each go unanswered for I, so it is stale
-  within (K+1)·I of its last answer. The closing check runs `margin` (5 ms)
-  ahead, so ordinary loop latency never carries it past that bound.
+  within (K+1)·I of its last answer. The closing check runs at that ping's age
+  of I, `margin` (2 ms) ahead, so ordinary loop latency does not carry it past
+  (K+1)·I, and it is never earlier than K·I after the last answer.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 _PHI_FRACTION = (math.sqrt(5) - 1) / 2  # 0.618...: the most evenly spreading step
+_EPS = 1e-9  # float noise when comparing a slot's time with `now`
 
 
 class Beat(Generic[T]):
@@ -43,6 +50,7 @@ class Beat(Generic[T]):
     __slots__ = (
         "alive",
         "due",
+        "final",
         "key",
         "last_pong",
         "last_seen",
@@ -52,13 +60,16 @@ class Beat(Generic[T]):
         "ping_at",
         "ping_id",
         "rtt",
+        "skipped",
+        "slot",
     )
 
-    def __init__(self, owner: T, key: int, now: float, due: float) -> None:
+    def __init__(self, owner: T, key: int, now: float, slot: int) -> None:
         self.owner = owner
         self.key = key
+        self.slot = slot
         self.alive = True
-        self.due = due
+        self.due = now  # the next time its slot comes round (set by `add`)
         self.last_seen = now  # last proof of life (any inbound frame); starts at connect
         self.last_pong: float | None = None
         self.ping_id = 0  # id of the last ping sent, echoed back in its pong
@@ -66,6 +77,8 @@ class Beat(Generic[T]):
         self.outstanding = False  # a ping was sent and nothing came back since
         self.misses = 0
         self.rtt: float | None = None
+        self.final = False  # a closing check is queued on the finals heap
+        self.skipped = False  # its slot came round while that check was queued
 
 
 @dataclass(slots=True)
@@ -80,7 +93,7 @@ class Tick(Generic[T]):
 class Heartbeat(Generic[T]):
     """Ping scheduling and stale detection for many connections."""
 
-    def __init__(self, interval: float, missed: int) -> None:
+    def __init__(self, interval: float, missed: int, resolution: float | None = None) -> None:
         if interval <= 0:
             raise ValueError("interval must be > 0 (a disabled heartbeat has no Heartbeat)")
         if missed < 1:
@@ -90,9 +103,19 @@ class Heartbeat(Generic[T]):
         # How late a check may run and still count a miss, and how much timer
         # jitter a ping's age may show and still be "at least I".
         self.tolerance = min(0.25 * interval, max(0.05, 0.1 * interval))
-        # How far ahead of its grid time a final (stale-making) check runs.
-        self.margin = min(0.005, self.tolerance / 4)
-        self._heap: list[tuple[float, int, Beat[T]]] = []  # pings and ordinary checks
+        # How far ahead of a ping's age reaching I the closing check runs.
+        self.margin = min(0.002, self.tolerance / 4)
+        # Slot width: how far apart groups of pings go out (a ping goes out up to
+        # this much before the phase its connection was given).
+        if resolution is None:
+            resolution = max(0.01, min(0.1, interval / 300))
+        resolution = min(resolution, self.tolerance / 4)
+        self.slots = max(1, round(interval / resolution))
+        self.resolution = interval / self.slots
+        self._wheel: list[dict[int, Beat[T]]] = [{} for _ in range(self.slots)]
+        self._visits: list[tuple[float, int]] = []  # (time, slot) of slots with members
+        self._queued = [False] * self.slots  # slot has an entry in _visits
+        self._origin: float | None = None  # slot j comes round at origin + j·w + n·I
         self._finals: list[tuple[float, int, Beat[T]]] = []  # checks that would close
         self._added = 0
         self._next_ping_id = 0
@@ -106,18 +129,32 @@ class Heartbeat(Generic[T]):
 
     def add(self, owner: T, now: float) -> Beat[T]:
         """Start tracking a connection that opened at `now`."""
+        if self._origin is None:
+            self._origin = now
         self._added += 1
-        offset = ((self._added * _PHI_FRACTION) % 1.0) * self.interval
-        beat = Beat(owner, self._added, now, now + offset)
-        heapq.heappush(self._heap, (beat.due, beat.key, beat))
+        slot = int(((self._added * _PHI_FRACTION) % 1.0) * self.slots)
+        beat = Beat(owner, self._added, now, slot)
+        beat.due = self._next_visit(slot, now)
+        self._wheel[slot][beat.key] = beat
+        if not self._queued[slot]:
+            self._queued[slot] = True
+            heapq.heappush(self._visits, (beat.due, slot))
         self.count += 1
         return beat
 
+    def _next_visit(self, slot: int, after: float) -> float:
+        """The first time strictly after `after` that `slot` comes round."""
+        assert self._origin is not None
+        base = self._origin + slot * self.resolution
+        turns = math.floor((after - base) / self.interval + _EPS) + 1
+        return base + turns * self.interval
+
     def remove(self, beat: Beat[T]) -> None:
-        """Stop tracking; its heap entry is dropped lazily when it comes due."""
+        """Stop tracking; a queued closing check is dropped lazily when it comes due."""
         if beat.alive:
             beat.alive = False
             self.count -= 1
+            self._wheel[beat.slot].pop(beat.key, None)
 
     # ---- inbound
 
@@ -129,105 +166,109 @@ class Heartbeat(Generic[T]):
 
     def pong(self, beat: Beat[T], ping_id: int | None, now: float) -> float | None:
         """A pong arrived; returns the round-trip time when it answers our last ping."""
-        self.seen(beat, now)
+        beat.last_seen = now
+        beat.outstanding = False
+        beat.misses = 0
         self.pongs += 1
         beat.last_pong = now
-        if ping_id is not None and ping_id == beat.ping_id and beat.ping_id:
-            beat.rtt = now - beat.ping_at
-            return beat.rtt
+        if ping_id is not None and ping_id == beat.ping_id and ping_id:
+            rtt = now - beat.ping_at
+            beat.rtt = rtt
+            return rtt
         return None
 
     # ---- time
 
     def next_due(self) -> float | None:
         """When the next tick has work, or None when nothing is tracked."""
-        times = [h[0][0] for h in (self._heap, self._finals) if self._top(h) is not None]
-        return min(times) if times else None
+        visits, finals = self._visits, self._finals
+        while visits and not self._wheel[visits[0][1]]:
+            self._queued[heapq.heappop(visits)[1]] = False  # emptied since it was queued
+        while finals and not finals[0][2].alive:
+            heapq.heappop(finals)
+        if visits and finals:
+            return min(visits[0][0], finals[0][0])
+        if visits:
+            return visits[0][0]
+        return finals[0][0] if finals else None
 
-    @staticmethod
-    def _top(heap: list[tuple[float, int, Beat[T]]]) -> Beat[T] | None:
-        while heap and not heap[0][2].alive:
-            heapq.heappop(heap)
-        return heap[0][2] if heap else None
-
-    def tick(self, now: float, lead: float = 0.0) -> Tick[T]:
-        """Process final checks due by `now`, and pings and other checks due by `now + lead`.
-
-        A caller that batches ticks passes the batching window as `lead`: pings
-        and ordinary checks then run up to `lead` early (never late), in groups.
-        Final (stale-making) checks are kept apart and run at their own time, so
-        batching never moves a close earlier or later.
-        """
+    def tick(self, now: float) -> Tick[T]:
+        """Run the closing checks due by `now`, then visit the slots whose time has come."""
         result: Tick[T] = Tick()
-        horizon = now + min(lead, self.tolerance / 4)
-        finals, heap = self._finals, self._heap
-        due: list[tuple[float, int, Beat[T]]] = []
-        while finals and finals[0][0] <= now:
-            due.append(heapq.heappop(finals))
-        while heap and heap[0][0] <= horizon:
-            due.append(heapq.heappop(heap))
-        for entry in due:  # what they queue again waits for a later tick
-            self._process(entry, now, result)
+        finals, visits = self._finals, self._visits
+        while finals and finals[0][0] <= now + _EPS:
+            at, _, beat = heapq.heappop(finals)
+            if beat.alive:
+                self._final(beat, at, now, result)
+        while visits and visits[0][0] <= now + _EPS:
+            at, slot = heapq.heappop(visits)
+            members = self._wheel[slot]
+            if not members:
+                self._queued[slot] = False
+                continue
+            nxt = at + self.interval
+            if nxt <= now + _EPS:  # a stall: skip the turns that fell inside it
+                nxt = self._next_visit(slot, now)
+            for beat in list(members.values()):
+                beat.due = nxt
+                self._visit(beat, at, now, result)
+            heapq.heappush(visits, (nxt, slot))
         self.pings_sent += len(result.ping)
         self.voided += result.voided
         return result
 
-    def _process(self, entry: tuple[float, int, Beat[T]], now: float, result: Tick[T]) -> None:
-        at, _, beat = entry
-        if not beat.alive:
+    def _visit(self, beat: Beat[T], at: float, now: float, result: Tick[T]) -> None:
+        """The beat's slot came round (due at `at`): count a miss, close, or ping."""
+        if beat.final:
+            beat.skipped = True  # the queued closing check decides, and pings if alive
             return
-        interval = self.interval
-        tolerance = self.tolerance
         if beat.outstanding:
-            if now - at > tolerance:
+            if now - at > self.tolerance:
                 result.voided += 1  # late: the answer may be unread; count nothing
-            elif now - beat.ping_at >= interval - tolerance:
+            elif now - beat.ping_at >= self.interval - self.tolerance:
                 beat.misses += 1
                 if beat.misses >= self.missed:
-                    beat.alive = False
-                    self.count -= 1
-                    self.stale_closed += 1
-                    result.stale.append(beat)
+                    self._stale(beat, result)
                     return
             else:
-                # The last ping went out late and is younger than I: wait for it.
-                self._next_on_grid(beat, now)
-                return
-        elif at < beat.due - self.margin / 2:
-            # An early final check found the client alive: ping on its grid.
-            heapq.heappush(self._heap, (beat.due, beat.key, beat))
-            return
+                return  # the last ping went out late and is younger than I: wait for it
+        self._ping(beat, now, result)
+
+    def _final(self, beat: Beat[T], at: float, now: float, result: Tick[T]) -> None:
+        """A closing check: stale if the ping is still unanswered, else ping if its slot passed."""
+        beat.final = False
+        skipped, beat.skipped = beat.skipped, False
+        if beat.outstanding:
+            if now - at <= self.tolerance:
+                beat.misses += 1
+                if beat.misses >= self.missed:
+                    self._stale(beat, result)
+                    return
+            else:
+                result.voided += 1  # late: the answer may be unread; count nothing
+            self._ping(beat, now, result)
+        elif skipped:
+            self._ping(beat, now, result)  # alive, and its slot went by meanwhile
+
+    def _stale(self, beat: Beat[T], result: Tick[T]) -> None:
+        self.remove(beat)
+        self.stale_closed += 1
+        result.stale.append(beat)
+
+    def _ping(self, beat: Beat[T], now: float, result: Tick[T]) -> None:
         self._next_ping_id += 1
         beat.ping_id = self._next_ping_id
         beat.ping_at = now
         beat.outstanding = True
         result.ping.append(beat)
-        self._next_on_grid(beat, now)
-
-    def _next_on_grid(self, beat: Beat[T], now: float) -> None:
-        """Queue the beat's next due time after `now`, keeping its phase.
-
-        When the next miss would make it stale, its final check goes to the
-        finals heap, `margin` ahead of its grid time (or of the ping's age
-        reaching I, if that ping went out late, but never past (K+1)·I after the
-        last sign of life): ordinary loop latency then never carries detection
-        past (K+1)·I.
-        """
-        interval = self.interval
-        nxt = beat.due + interval
-        if nxt <= now:
-            nxt = beat.due + interval * (math.floor((now - beat.due) / interval) + 1)
-        beat.due = nxt
-        if beat.outstanding and beat.misses == self.missed - 1:
-            at = max(nxt, beat.ping_at + interval)
-            # Never past (K+1)·I of the last sign of life, even when the ping that
-            # it answered had gone out early in a batch.
-            at = min(at, beat.last_seen + (self.missed + 1) * interval) - self.margin
-            # ...and never before the ping has had (all but `tolerance` of) I to answer.
-            at = max(now, at, beat.ping_at + interval - self.tolerance)
+        if beat.misses == self.missed - 1:
+            # Unanswered, this ping makes the connection stale once it is I old:
+            # that check is timed on its own, not left to the slot's next turn.
+            interval = self.interval
+            at = min(now + interval, beat.last_seen + (self.missed + 1) * interval)
+            at = max(now + interval - self.tolerance, at - self.margin)
+            beat.final = True
             heapq.heappush(self._finals, (at, beat.key, beat))
-        else:
-            heapq.heappush(self._heap, (nxt, beat.key, beat))
 
 
 def encode_ping_id(ping_id: int) -> bytes:

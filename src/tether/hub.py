@@ -164,15 +164,12 @@ class Hub:
         self._tick_pending = False
         self._ticked_at = float("-inf")
         self._min_gap = 0.0
-        self._lead = 0.0
         if self.heartbeat is not None:
-            hb = self.heartbeat
-            # Ticks at most every 1 ms, so a final check is never later than a
-            # fraction of its margin; each tick also takes the pings due in the next `_lead`
-            # (10 ms to 100 ms: I/300), so pings, and the pongs that answer them, come
-            # in groups that one loop pass handles (fewer wake-ups at large I).
-            self._min_gap = min(0.001, hb.margin / 4)
-            self._lead = min(hb.tolerance / 4, max(0.01, min(0.1, hb.interval / 300)))
+            # Ticks at most every 0.5 ms, so a closing check is never later than a
+            # fraction of its margin. Pings go out a slot at a time (10 ms to 100 ms
+            # apart: I/300), so they, and the pongs that answer them, come in groups
+            # that one loop pass handles (fewer wake-ups at large I).
+            self._min_gap = min(0.0005, self.heartbeat.margin / 4)
         self._lag_handle: asyncio.TimerHandle | None = None
         self._lag_expected = 0.0
         self._lag_period = 0.25
@@ -642,7 +639,7 @@ class Hub:
         if heartbeat is None or not self._heartbeat_running:
             return
         now = self.clock.now()
-        result = heartbeat.tick(now, self._lead)
+        result = heartbeat.tick(now)
         pinged = 0
         for beat in result.ping:
             conn = beat.owner
