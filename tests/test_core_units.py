@@ -164,3 +164,22 @@ def test_mask_check_finds_whole_pong_frames_and_unmasks_them() -> None:
     assert check.pongs == [(start, start + len(pong))]
     assert frames.unmask_control(data, start, start + len(pong)) == b"\x00" * 7 + b"\x07"
     assert check.feed(pong[5:]) is None and check.pongs == []
+
+
+def test_mask_check_reads_a_lone_heartbeat_pong_as_its_ping_id() -> None:
+    from tests.wsraw import encode
+
+    pong = encode(0xA, (123456789).to_bytes(8, "big"))
+    check = frames.MaskCheck()
+    assert check.lone_pong(pong) == 123456789
+    assert check.lone_pong(encode(0xA, b"1234567")) is None  # not 8 bytes: not ours
+    assert check.lone_pong(encode(0x9, b"12345678")) is None  # a ping, not a pong
+    assert check.lone_pong(pong + pong) is None  # two frames: the general scan
+    # Inside another frame's payload the same bytes are data, not a pong.
+    text = encode(0x1, b"x" * 40)
+    assert check.feed(text[:20]) is None
+    assert check.lone_pong(pong) is None
+
+
+def test_ping8_head_is_the_header_of_an_8_byte_ping() -> None:
+    assert frames.ping(b"12345678") == frames.PING8_HEAD + b"12345678"

@@ -53,6 +53,9 @@ def ping(payload: bytes) -> bytes:
     return frame(OP_PING, payload)
 
 
+PING8_HEAD = bytes((_FIN | OP_PING, 8))  # the header of a ping with an 8-byte payload
+
+
 def pong(payload: bytes | bytearray) -> bytes:
     """The pong that answers a ping, echoing its payload (§5.5.3)."""
     return frame(OP_PONG, bytes(payload[:125]))
@@ -80,6 +83,20 @@ class MaskCheck:
         # (start, end) of each whole pong frame in the last chunk fed, so the
         # caller can answer it without the full parser (see server.py).
         self.pongs: list[tuple[int, int]] = []
+
+    def lone_pong(self, data: bytes) -> int | None:
+        """When `data` is exactly one masked pong with an 8-byte payload, that payload as an int.
+
+        This is what a heartbeat round brings back from each client (our pings
+        carry 8 bytes), so it is recognised before the general scan; the stream
+        position does not move (the frame is whole).
+        """
+        if (len(data) == 14 and data[0] == 0x8A and data[1] == 0x88
+                and not self._skip and not self._head):
+            if self.pongs:
+                self.pongs.clear()
+            return int.from_bytes(data[6:14], "big") ^ int.from_bytes(data[2:6] * 2, "big")
+        return None
 
     def feed(self, data: bytes | bytearray | memoryview) -> int | None:
         """Where the first unmasked frame starts in `data` (0 if in an earlier chunk), else None."""

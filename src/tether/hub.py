@@ -236,10 +236,14 @@ class Hub:
 
     def pong(self, conn: Connection, payload: bytes | bytearray) -> float | None:
         """A pong frame: proof of life, and the RTT when it answers our last ping."""
+        return self.pong_id(conn, decode_ping_id(payload))
+
+    def pong_id(self, conn: Connection, ping_id: int | None) -> float | None:
+        """A pong whose payload was already read as a ping id (None: not one of ours)."""
         beat = conn.beat
         if beat is None or self.heartbeat is None:
             return None
-        rtt = self.heartbeat.pong(beat, decode_ping_id(payload), self.clock.now())
+        rtt = self.heartbeat.pong(beat, ping_id, self.clock.now())
         if rtt is not None:
             stats = self.stats
             stats.rtt_counts[bisect_left(RTT_BUCKETS, rtt)] += 1
@@ -641,6 +645,7 @@ class Hub:
         now = self.clock.now()
         result = heartbeat.tick(now)
         pinged = 0
+        head = frames.PING8_HEAD
         for beat in result.ping:
             conn = beat.owner
             if conn.closing:
@@ -648,7 +653,8 @@ class Hub:
             peer = conn.peer
             if peer.is_closing():
                 continue
-            peer.write(frames.ping(encode_ping_id(beat.ping_id)))  # opcode 0x9, RFC 6455 §5.5.2
+            # A ping frame (opcode 0x9, RFC 6455 §5.5.2) carrying the 8-byte ping id.
+            peer.write(head + encode_ping_id(beat.ping_id))
             pinged += 1
         for beat in result.stale:
             self._reap(beat, now)

@@ -22,6 +22,7 @@ from aiohttp import WebSocketError, WSMsgType, web
 from tether import codes, frames, metrics
 from tether.config import Settings
 from tether.errors import BackplaneError, PublishError
+from tether.heartbeat import decode_ping_id
 from tether.hub import Hub, parse_since, parse_topics
 from tether.logs import get_logger
 
@@ -96,7 +97,7 @@ class _MaskedFramesOnly:
     __slots__ = ("_check", "_failed", "_on_pong", "_on_unmasked", "_parser")
 
     def __init__(self, parser: Any, on_unmasked: Callable[[], None],
-                 on_pong: Callable[[bytes], object]) -> None:
+                 on_pong: Callable[[int | None], object]) -> None:
         self._parser = parser
         self._check = frames.MaskCheck()
         self._on_unmasked = on_unmasked
@@ -107,13 +108,17 @@ class _MaskedFramesOnly:
         if self._failed:
             return False, b""
         check = self._check
+        ping_id = check.lone_pong(data)
+        if ping_id is not None:  # the common case: one heartbeat answer, nothing else
+            self._on_pong(ping_id)
+            return False, b""
         bad = check.feed(data)
         limit = len(data) if bad is None else bad
         rest: bytes = data if bad is None else data[:bad]
         if check.pongs:
             parts, last = [], 0
             for start, end in check.pongs:
-                self._on_pong(frames.unmask_control(data, start, end))
+                self._on_pong(decode_ping_id(frames.unmask_control(data, start, end)))
                 parts.append(data[last:start])
                 last = end
             parts.append(data[last:limit])
@@ -134,7 +139,7 @@ class _MaskedFramesOnly:
 
 
 def _require_masked_frames(request: web.Request, on_unmasked: Callable[[], None],
-                           on_pong: Callable[[bytes], object]) -> None:
+                           on_pong: Callable[[int | None], object]) -> None:
     """Put the mask check in front of the parser `ws.prepare` installed.
 
     A server must close the connection on an unmasked client frame (§5.1), with
@@ -221,7 +226,7 @@ class Routes:
         peer = AiohttpPeer(ws, transport)
         conn = hub.open(peer, request.remote or "?", topics)
         _require_masked_frames(request, lambda: hub.kill(conn, *codes.UNMASKED_FRAME),
-                               lambda payload: hub.pong(conn, payload))
+                               lambda ping_id: hub.pong_id(conn, ping_id))
         code: int | None = None
         reason = ""
         try:
