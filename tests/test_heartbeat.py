@@ -341,3 +341,27 @@ def test_closing_check_is_never_before_k_intervals_after_death() -> None:
                     stale_at = clock.now()
             assert died_at is not None and not beat.alive
             assert k * I - hb.margin <= stale_at - died_at <= (k + 1) * I, (k, frac)
+
+
+def test_closing_checks_run_ahead_by_the_observed_timer_lateness() -> None:
+    hb: Heartbeat[str] = Heartbeat(I, 2)
+    assert hb.min_margin == 0.001 and hb.max_margin == 0.005
+    hb.observe_lateness(0.0001)
+    assert hb.margin == pytest.approx(0.001)  # a quiet loop: the smallest margin
+    hb.observe_lateness(0.002)
+    assert hb.margin == pytest.approx(0.0035)
+    hb.observe_lateness(0.5)  # a stall: capped
+    assert hb.margin == hb.max_margin
+    for _ in range(400):  # the spike fades
+        hb.observe_lateness(0.0)
+    assert hb.margin == pytest.approx(hb.min_margin)
+    # The closing check of a silent peer is queued `margin` ahead of I.
+    clock = ManualClock()
+    beat = hb.add("x", clock.now())
+    hb.observe_lateness(0.002)
+    while not beat.final:
+        due = hb.next_due()
+        assert due is not None
+        clock.advance(due - clock.now())
+        hb.tick(clock.now())
+    assert hb.next_due() == pytest.approx(beat.ping_at + I - hb.margin)

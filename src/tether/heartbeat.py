@@ -27,8 +27,8 @@ The rules, for interval I and threshold K:
 * Detection bound. A peer that dies just after answering is pinged at most I
   later, that ping and the next K-1 each go unanswered for I, so it is stale
   within (K+1)·I of its last answer. The closing check runs at that ping's age
-  of I, `margin` (2 ms) ahead, so ordinary loop latency does not carry it past
-  (K+1)·I, and it is never earlier than K·I after the last answer.
+  of I, `margin` ahead (the caller's recent timer lateness, 1 to 5 ms), so loop
+  latency does not carry it past (K+1)·I, nor much before.
 """
 
 from __future__ import annotations
@@ -103,8 +103,12 @@ class Heartbeat(Generic[T]):
         # How late a check may run and still count a miss, and how much timer
         # jitter a ping's age may show and still be "at least I".
         self.tolerance = min(0.25 * interval, max(0.05, 0.1 * interval))
-        # How far ahead of a ping's age reaching I the closing check runs.
-        self.margin = min(0.002, self.tolerance / 4)
+        # How far ahead of a ping's age reaching I the closing check runs: the
+        # caller's recent timer lateness (see `observe_lateness`), 1 to 5 ms.
+        self.max_margin = min(0.005, self.tolerance / 4)
+        self.min_margin = min(0.001, self.max_margin)
+        self.margin = min(0.002, self.max_margin)
+        self._lateness = 0.0
         # Slot width: how far apart groups of pings go out (a ping goes out up to
         # this much before the phase its connection was given).
         if resolution is None:
@@ -176,6 +180,17 @@ class Heartbeat(Generic[T]):
             beat.rtt = rtt
             return rtt
         return None
+
+    def observe_lateness(self, late: float) -> None:
+        """The caller's timer fired `late` seconds after the time asked for.
+
+        Closing checks then run that much ahead (times 1.5, plus 0.5 ms), between
+        `min_margin` and `max_margin`, so that they land on time: not earlier
+        than needed on a quiet machine, not past (K+1)·I on a busy one. A spike
+        fades by 2 % a tick.
+        """
+        self._lateness = max(late, self._lateness * 0.98)
+        self.margin = min(self.max_margin, max(self.min_margin, 1.5 * self._lateness + 0.0005))
 
     # ---- time
 

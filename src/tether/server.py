@@ -2,7 +2,8 @@
 
 This is the only module that knows aiohttp's server. It adapts each WebSocket to
 the hub's `Peer` and turns HTTP requests into hub calls. Frames from clients
-are read with aiohttp's parser (`autoping=False`, so pings and pongs reach us);
+are read with aiohttp's parser (`autoping=False`, so pings and pongs reach us),
+behind `ClientStream`, which answers heartbeat pongs and checks masking first;
 frames to clients are written pre-encoded to the transport (see `frames.py`),
 with permessage-deflate off so the same bytes are valid on every connection.
 """
@@ -11,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import orjson
@@ -25,6 +25,7 @@ from tether.errors import BackplaneError, PublishError
 from tether.heartbeat import decode_ping_id
 from tether.hub import Hub, parse_since, parse_topics
 from tether.logs import get_logger
+from tether.registry import Connection
 
 log = get_logger("server")
 HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
@@ -86,78 +87,67 @@ class AiohttpPeer:
             await asyncio.shield(self._closed)
 
 
-class _MaskedFramesOnly:
-    """aiohttp's frame parser, fed only while every client frame is masked (RFC 6455 §5.1).
+class ClientStream(asyncio.Protocol):
+    """Reads a client's bytes before aiohttp's protocol does, once the upgrade is done.
 
-    Whole pong frames found on the way are answered here (their payload goes to
-    `on_pong`) and not passed on: a heartbeat pong then costs no parse and no
-    wake-up of the connection's handler task.
+    Installed with the public `transport.set_protocol`, it passes everything on
+    to aiohttp's protocol (`inner`) except two things:
+
+    * Whole pong frames, recognised in the header scan (the common one, a lone
+      8-byte heartbeat pong, before it): they go to the hub and no further, so a
+      pong costs no parse and no wake-up of the connection's handler task.
+    * An unmasked client frame: a server must close the connection (RFC 6455
+      §5.1) with 1002 and without waiting for a close handshake (§7.1.7).
+      aiohttp's parser accepts such frames and has no option for it, so nothing
+      from that frame on is passed on, and the hub kills the connection.
     """
 
-    __slots__ = ("_check", "_failed", "_on_pong", "_on_unmasked", "_parser")
+    __slots__ = ("_check", "_conn", "_failed", "_hub", "_inner")
 
-    def __init__(self, parser: Any, on_unmasked: Callable[[], None],
-                 on_pong: Callable[[int | None], object]) -> None:
-        self._parser = parser
+    def __init__(self, inner: asyncio.BaseProtocol, hub: Hub, conn: Connection) -> None:
+        self._inner = cast(asyncio.Protocol, inner)
+        self._hub = hub
+        self._conn = conn
         self._check = frames.MaskCheck()
-        self._on_unmasked = on_unmasked
-        self._on_pong = on_pong
         self._failed = False
 
-    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+    def data_received(self, data: bytes) -> None:
         if self._failed:
-            return False, b""
+            return
         check = self._check
         ping_id = check.lone_pong(data)
         if ping_id is not None:  # the common case: one heartbeat answer, nothing else
-            self._on_pong(ping_id)
-            return False, b""
+            self._hub.pong_id(self._conn, ping_id)
+            return
         bad = check.feed(data)
         limit = len(data) if bad is None else bad
         rest: bytes = data if bad is None else data[:bad]
         if check.pongs:
             parts, last = [], 0
             for start, end in check.pongs:
-                self._on_pong(decode_ping_id(frames.unmask_control(data, start, end)))
+                payload = frames.unmask_control(data, start, end)
+                self._hub.pong_id(self._conn, decode_ping_id(payload))
                 parts.append(data[last:start])
                 last = end
             parts.append(data[last:limit])
             rest = b"".join(parts)
-        if bad is None:
-            if not rest:
-                return False, b""
-            result: tuple[bool, bytes] = self._parser.feed_data(rest)
-            return result
-        self._failed = True
         if rest:
-            self._parser.feed_data(rest)  # the masked frames before it still count
-        self._on_unmasked()
-        return False, b""
+            self._inner.data_received(rest)  # the masked frames before a bad one still count
+        if bad is not None:
+            self._failed = True
+            self._hub.kill(self._conn, *codes.UNMASKED_FRAME)
 
-    def feed_eof(self) -> None:
-        self._parser.feed_eof()
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
 
-def _require_masked_frames(request: web.Request, on_unmasked: Callable[[], None],
-                           on_pong: Callable[[int | None], object]) -> None:
-    """Put the mask check in front of the parser `ws.prepare` installed.
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
 
-    A server must close the connection on an unmasked client frame (§5.1), with
-    1002 and without waiting for a close handshake (§7.1.7). aiohttp has no
-    option for it, so its parser is wrapped on the request's protocol.
-    """
-    protocol = request.protocol
-    parser = getattr(protocol, "_payload_parser", None)
-    if parser is None:  # an aiohttp without this internal: run unchecked, say so once
-        global _mask_check_missing
-        if not _mask_check_missing:
-            _mask_check_missing = True
-            log.warn("Unmasked client frames are not checked with this aiohttp version")
-        return
-    protocol._payload_parser = _MaskedFramesOnly(parser, on_unmasked, on_pong)
-
-
-_mask_check_missing = False
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -225,8 +215,7 @@ class Routes:
             return ws
         peer = AiohttpPeer(ws, transport)
         conn = hub.open(peer, request.remote or "?", topics)
-        _require_masked_frames(request, lambda: hub.kill(conn, *codes.UNMASKED_FRAME),
-                               lambda ping_id: hub.pong_id(conn, ping_id))
+        transport.set_protocol(ClientStream(transport.get_protocol(), hub, conn))
         code: int | None = None
         reason = ""
         try:
