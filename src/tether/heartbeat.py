@@ -210,6 +210,8 @@ class Heartbeat(Generic[T]):
     def tick(self, now: float) -> Tick[T]:
         """Run the closing checks due by `now`, then visit the slots whose time has come."""
         result: Tick[T] = Tick()
+        ping = result.ping
+        last = self.missed - 1  # misses before the ping whose closing check is timed
         finals, visits = self._finals, self._visits
         while finals and finals[0][0] <= now + _EPS:
             at, _, beat = heapq.heappop(finals)
@@ -226,7 +228,14 @@ class Heartbeat(Generic[T]):
                 nxt = self._next_visit(slot, now)
             for beat in list(members.values()):
                 beat.due = nxt
-                self._visit(beat, at, now, result)
+                if beat.outstanding or beat.final or beat.misses == last:
+                    self._visit(beat, at, now, result)
+                else:  # answered, nothing queued, no check to time: ping (inline `_ping`)
+                    self._next_ping_id += 1
+                    beat.ping_id = self._next_ping_id
+                    beat.ping_at = now
+                    beat.outstanding = True
+                    ping.append(beat)
             heapq.heappush(visits, (nxt, slot))
         self.pings_sent += len(result.ping)
         self.voided += result.voided

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Callable
 from importlib import resources
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -33,23 +34,21 @@ STATIC = resources.files("tether") / "static"
 
 
 class AiohttpPeer:
-    """One WebSocket as the hub sees it: write bytes, count buffered bytes, close."""
+    """One WebSocket as the hub sees it: write bytes, count buffered bytes, close.
 
-    __slots__ = ("_closed", "transport", "ws")
+    `write`, `buffered` and `is_closing` are the transport's own methods, bound
+    once: the heartbeat and the flush call them for every client.
+    """
+
+    __slots__ = ("_closed", "buffered", "is_closing", "transport", "write", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport) -> None:
         self.ws = ws
         self.transport = transport
+        self.write: Callable[[bytes], None] = transport.write
+        self.buffered: Callable[[], int] = transport.get_write_buffer_size
+        self.is_closing: Callable[[], bool] = transport.is_closing
         self._closed: asyncio.Future[None] | None = None
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def buffered(self) -> int:
-        return self.transport.get_write_buffer_size()
-
-    def is_closing(self) -> bool:
-        return self.transport.is_closing()
 
     def abort(self) -> None:
         self.transport.abort()
