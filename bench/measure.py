@@ -3,12 +3,16 @@
 Every function starts its own server and load generator, measures, and stops
 both (by PID). Times that cross processes are CLOCK_MONOTONIC (`time.monotonic`
 is system-wide on Linux) or wall-clock seconds where a log line is the source.
+
+Bun (`bench/servers/bun_server.ts`) is an optional reference server: it runs only
+when its binary is installed under bench/bun (`npm install --prefix bench/bun`).
 """
 
 from __future__ import annotations
 
 import signal
 import statistics
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,9 +20,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from bench.proc import Child
+from bench.proc import ROOT, Child
 
-SERVERS = ("websockets", "aiohttp", "picows", "tether")
+SERVERS = ("websockets", "aiohttp", "picows", "tether")  # the default list
+OPTIONAL_SERVERS = ("bun",)  # reference servers run only when asked for by name
+KNOWN_SERVERS = SERVERS + OPTIONAL_SERVERS
+
+BUN_DIR = ROOT / "bench" / "bun"
+BUN_SCRIPT = ROOT / "bench" / "servers" / "bun_server.ts"
+# Where `npm install --prefix bench/bun` leaves the binary (the .bin link, or the file).
+BUN_CANDIDATES = (BUN_DIR / "node_modules" / ".bin" / "bun",
+                  BUN_DIR / "node_modules" / "bun" / "bin" / "bun.exe")
+# Child runs `python ARGS`: this lifts the open-file limit, then execs bun in the same
+# process, so the PID the suite measures (CPU, RSS, signals) is bun's own.
+EXEC_BUN = ("import os, sys; from bench.proc import raise_nofile; raise_nofile(); "
+            "os.execv(sys.argv[1], sys.argv[1:])")
 
 
 @dataclass
@@ -37,6 +53,7 @@ class Config:
     scale_interval: float = 30.0
     scale_window: float = 60.0
     scale_broadcasts: int = 5
+    scale_servers: tuple[str, ...] = ("tether",)
     tether_uvloop: bool = False
     quick: bool = False
 
@@ -46,10 +63,35 @@ class Config:
                    scale=False, quick=True)
 
 
+def bun_binary() -> str | None:
+    """The bun binary installed for the bench under bench/bun, or None."""
+    for path in BUN_CANDIDATES:
+        if path.is_file() and path.stat().st_size > 1_000_000:  # not npm's placeholder
+            return str(path)
+    return None
+
+
+def bun_version() -> str | None:
+    binary = bun_binary()
+    if binary is None:
+        return None
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 @contextmanager
 def server(name: str, interval: float, missed: int, uvloop: bool = False) -> Iterator[Child]:
-    args = ["-m", f"bench.servers.{name}_server", "--interval", str(interval),
-            "--missed", str(missed)]
+    opts = ["--interval", str(interval), "--missed", str(missed)]
+    if name == "bun":
+        binary = bun_binary()
+        if binary is None:
+            raise RuntimeError("bun is not installed for the bench: npm install --prefix bench/bun")
+        args = ["-c", EXEC_BUN, binary, str(BUN_SCRIPT), *opts]
+    else:
+        args = ["-m", f"bench.servers.{name}_server", *opts]
     if uvloop:
         args.append("--uvloop")
     child = Child(args, name)
@@ -73,6 +115,16 @@ def loadgen(port: int, tag: str = "loadgen") -> Iterator[Child]:
 def port_of(child: Child) -> int:
     ready = next(line for line in child.log if line.get("ev") == "ready")
     return int(ready["port"])
+
+
+def ping_period(child: Child, interval: float) -> float:
+    """Seconds between two pings to a client: I, unless the server announced otherwise.
+
+    Bun's keepalive runs on 4 s timer ticks: at I = 1 s it pings every 4 s, at
+    I = 30 s every 28 s, and says so in its "ready" line.
+    """
+    ready = next(line for line in child.log if line.get("ev") == "ready")
+    return float(ready.get("ping_period", interval))
 
 
 def connect(gen: Child, n: int) -> dict[str, Any]:
@@ -119,15 +171,16 @@ def measure_ab(name: str, cfg: Config) -> dict[str, float]:
         rss0 = srv.rss()
         connect(gen, cfg.idle)
         n = wait_count(srv, warm + cfg.idle, timeout=60) - warm
-        time.sleep(max(2 * cfg.interval, 1.0))  # every client in its ping cycle
+        period = ping_period(srv, cfg.interval)  # I; Bun: its 4 s-tick period
+        time.sleep(max(2 * period, 1.0))  # every client in its ping cycle
         gc0 = gc_seconds(srv)
         c0, g0, t0 = srv.cpu(), gen.cpu(), time.monotonic()
-        time.sleep(cfg.rounds * cfg.interval)
+        time.sleep(cfg.rounds * period)
         c1, g1, t1 = srv.cpu(), gen.cpu(), time.monotonic()
         gc1 = gc_seconds(srv)
         rss1 = srv.rss()
         alive = int(srv.request("count", "count", timeout=30)["n"]) - warm
-        rounds = (t1 - t0) / cfg.interval
+        rounds = (t1 - t0) / period
         per_10k = 1000 * 10_000 / max(1, (n + alive) / 2) / rounds  # ms per round per 10k
         return {
             "connections": n,
@@ -136,6 +189,7 @@ def measure_ab(name: str, cfg: Config) -> dict[str, float]:
             "B_cpu_ms_per_round_10k": (c1 - c0) * per_10k,
             "B_loadgen_cpu_ms_per_round_10k": (g1 - g0) * per_10k,
             "B_gc_ms_per_round_10k": (gc1 - gc0) * per_10k,
+            "B_ping_period_s": period,
         }
 
 
@@ -211,11 +265,12 @@ def measure_d(name: str, cfg: Config) -> dict[str, Any]:
         }
 
 
-def measure_scale(cfg: Config) -> dict[str, Any]:
-    """19,000 idle tether clients, I = 30 s: heartbeat CPU, and one broadcast's latency."""
+def measure_scale(cfg: Config, name: str = "tether") -> dict[str, Any]:
+    """19,000 idle clients of `name`, I = 30 s: heartbeat CPU, and one broadcast's latency."""
     half = cfg.scale_clients // 2
     parts = (half, cfg.scale_clients - half)  # two generators: 20,000 open files each
-    with server("tether", cfg.scale_interval, cfg.missed, cfg.tether_uvloop) as srv, \
+    uvloop = cfg.tether_uvloop and name == "tether"
+    with server(name, cfg.scale_interval, cfg.missed, uvloop) as srv, \
             loadgen(port_of(srv), "loadgen-1") as g1, loadgen(port_of(srv), "loadgen-2") as g2:
         t0 = time.monotonic()
         g1.send("connect", n=parts[0], concurrency=100)
@@ -243,7 +298,9 @@ def measure_scale(cfg: Config) -> dict[str, Any]:
             delivered.append(int(a["count"]) + int(b["count"]))
             time.sleep(0.5)
         return {
+            "server": name,
             "clients": n,
+            "ping_period_s": ping_period(srv, cfg.scale_interval),
             "connect_s": connect_s,
             "rss_mb": rss / 1e6,
             "heartbeat_cpu_pct": (c1 - c0) / (w1 - w0) * 100,

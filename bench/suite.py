@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import measure
-from bench.measure import SERVERS, Config
+from bench.measure import KNOWN_SERVERS, SERVERS, Config
 from bench.proc import raise_nofile
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,13 +36,15 @@ ROWS: tuple[tuple[str, str, str, float, int], ...] = (
 )
 
 
-def versions() -> dict[str, str]:
+def versions(bun: bool = False) -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("tether", "websockets", "aiohttp", "picows", "uvloop"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = "?"
+    if bun:
+        out["bun"] = measure.bun_version() or "?"
     return out
 
 
@@ -122,16 +124,30 @@ def targets(results: dict[str, dict[str, list[float]]], cfg: Config) -> list[str
     return out
 
 
+def server_list(p: argparse.ArgumentParser, raw: str, option: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in raw.split(",") if s.strip())
+    unknown = set(names) - set(KNOWN_SERVERS)
+    if unknown:
+        p.error(f"{option}: unknown servers: {', '.join(sorted(unknown))}")
+    if "bun" in names and measure.bun_binary() is None:
+        p.error(f"{option}: bun is not installed for the bench: npm install --prefix bench/bun")
+    return names
+
+
 def parse(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="small and fast (< 60 s)")
     p.add_argument("--runs", type=int, help="runs per server (medians over runs; default 3)")
-    p.add_argument("--servers", help=f"comma list from {','.join(SERVERS)}")
+    p.add_argument("--servers", help=f"comma list from {','.join(KNOWN_SERVERS)} "
+                   f"(default {','.join(SERVERS)}; bun: npm install --prefix bench/bun)")
     p.add_argument("--idle", type=int, help="idle connections for A and B (default 10000)")
     p.add_argument("--messages", type=int, help="messages in C (default 2000)")
     p.add_argument("--no-scale", action="store_true", help="skip the 19k scale check")
     p.add_argument("--scale-only", action="store_true", help="only the 19k scale check")
     p.add_argument("--scale-window", type=float, help="seconds of heartbeat CPU (default 60)")
+    p.add_argument("--scale-servers", default="tether",
+                   help="comma list of servers for the scale check, one after the other "
+                        "(default tether)")
     p.add_argument("--tether-uvloop", action="store_true", help="run tether on uvloop")
     p.add_argument("--profile", action="store_true",
                    help="py-spy profile of tether during B and C (no table)")
@@ -141,11 +157,8 @@ def parse(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     if args.runs:
         cfg.runs = args.runs
     if args.servers:
-        names = tuple(s.strip() for s in args.servers.split(",") if s.strip())
-        unknown = set(names) - set(SERVERS)
-        if unknown:
-            p.error(f"unknown servers: {', '.join(sorted(unknown))}")
-        cfg.servers = names
+        cfg.servers = server_list(p, args.servers, "--servers")
+    cfg.scale_servers = server_list(p, args.scale_servers, "--scale-servers")
     if args.idle:
         cfg.idle = args.idle
     if args.messages:
@@ -162,8 +175,11 @@ def run(cfg: Config, out: Path | None, scale_only: bool = False) -> dict[str, An
     """Run the suite; the JSON report (also written to `out`)."""
     raise_nofile()
     started = time.monotonic()
-    report: dict[str, Any] = {"machine": machine(), "versions": versions(),
-                              "config": vars(cfg) | {"servers": list(cfg.servers)}}
+    scaling = cfg.scale or scale_only
+    bun = ("bun" in cfg.servers and not scale_only) or ("bun" in cfg.scale_servers and scaling)
+    report: dict[str, Any] = {"machine": machine(), "versions": versions(bun),
+                              "config": vars(cfg) | {"servers": list(cfg.servers),
+                                                     "scale_servers": list(cfg.scale_servers)}}
     results: dict[str, dict[str, list[float]]] = {name: {} for name in cfg.servers}
     if not scale_only:
         for i in range(cfg.runs):
@@ -182,10 +198,15 @@ def run(cfg: Config, out: Path | None, scale_only: bool = False) -> dict[str, An
                              for n, r in results.items()}
         report["table"] = table(results, cfg.servers)
         report["targets"] = targets(results, cfg)
-    if cfg.scale or scale_only:
-        print(f"scale check: {cfg.scale_clients} tether clients, I = {cfg.scale_interval:g}s",
-              flush=True)
-        report["scale"] = measure.measure_scale(cfg)
+    if scaling:
+        by_server: dict[str, Any] = {}
+        for name in cfg.scale_servers:
+            print(f"scale check: {cfg.scale_clients} {name} clients, "
+                  f"I = {cfg.scale_interval:g}s", flush=True)
+            by_server[name] = measure.measure_scale(cfg, name)
+        if "tether" in by_server:
+            report["scale"] = by_server["tether"]  # the issue's targets are tether's
+        report["scale_by_server"] = by_server
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["elapsed_s"] = time.monotonic() - started
     if out is not None:
@@ -210,15 +231,47 @@ def print_report(report: dict[str, Any], out: Path | None) -> None:
         print()
         for line in report["targets"]:
             print(line)
-    if "scale" in report:
-        s = report["scale"]
-        print(f"scale: {s['clients']} idle tether clients (I = {cfg['scale_interval']:g}s): "
-              f"heartbeat CPU {s['heartbeat_cpu_pct']:.2f}% of a core over {s['window_s']:.0f}s "
-              f"(cyclic GC {s.get('gc_cpu_pct', math.nan):.2f}%) "
-              f"(target < 5%); one broadcast → last delivery median "
-              f"{s['broadcast_latency_median_ms']:.1f} ms (target < 100 ms), delivered "
-              f"{s['delivered']}; RSS {s['rss_mb']:.0f} MB")
+    by_server = report.get("scale_by_server")
+    if by_server is None and "scale" in report:  # a report from before scale_by_server
+        by_server = {"tether": report["scale"]}
+    for name, s in (by_server or {}).items():
+        print(scale_line(name, s, cfg["scale_interval"]))
+    if by_server and len(by_server) > 1:
+        print()
+        print(scale_table(by_server, cfg["scale_interval"]))
     print(f"elapsed {report['elapsed_s']:.0f}s" + (f"; JSON: {out}" if out else ""))
+
+
+def scale_line(name: str, s: dict[str, Any], interval: float) -> str:
+    """One server's scale result; tether's line carries the issue's targets."""
+    tether = name == "tether"
+    period = float(s.get("ping_period_s", interval))
+    pings = "" if period == interval else f", pings every {period:g}s"
+    python = name != "bun"  # Bun reports no GC time (JavaScriptCore's GC is not timed)
+    gc = f" (cyclic GC {s.get('gc_cpu_pct', math.nan):.2f}%)" if python else ""
+    return (f"scale: {s['clients']} idle {name} clients (I = {interval:g}s{pings}): "
+            f"heartbeat CPU {s['heartbeat_cpu_pct']:.2f}% of a core over {s['window_s']:.0f}s"
+            f"{gc}{' (target < 5%)' if tether else ''}; one broadcast → last delivery median "
+            f"{s['broadcast_latency_median_ms']:.1f} ms{' (target < 100 ms)' if tether else ''}, "
+            f"delivered {s['delivered']}; RSS {s['rss_mb']:.0f} MB")
+
+
+def scale_table(by_server: dict[str, dict[str, Any]], interval: float) -> str:
+    """The scale results side by side (same load generators for every server)."""
+    names = list(by_server)
+    rows: list[tuple[str, Any]] = [
+        ("idle clients", lambda s: f"{s['clients']:,}"),
+        ("ping period", lambda s: f"{float(s.get('ping_period_s', interval)):g} s"),
+        ("heartbeat CPU, % of a core", lambda s: f"{s['heartbeat_cpu_pct']:.2f} %"),
+        ("broadcast → last delivery, median",
+         lambda s: f"{s['broadcast_latency_median_ms']:.1f} ms"),
+        ("delivered per broadcast", lambda s: ", ".join(f"{d:,}" for d in s["delivered"])),
+        ("server RSS", lambda s: f"{s['rss_mb']:.0f} MB"),
+    ]
+    lines = ["| scale | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, cell in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(by_server[n]) for n in names) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
