@@ -23,7 +23,7 @@ from typing import Any
 from bench.proc import ROOT, Child
 
 SERVERS = ("websockets", "aiohttp", "picows", "tether")  # the default list
-OPTIONAL_SERVERS = ("bun",)  # reference servers run only when asked for by name
+OPTIONAL_SERVERS = ("bun", "floor")  # reference servers run only when asked for by name
 KNOWN_SERVERS = SERVERS + OPTIONAL_SERVERS
 
 BUN_DIR = ROOT / "bench" / "bun"
