@@ -162,6 +162,8 @@ class Hub:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
         self._fired_for: float | None = None  # the time the firing timer was set for
+        # Whether `Received pong` is logged: read once per tick, not once per pong.
+        self._debug_pongs = ws_log.debug_enabled
         self._tick_pending = False
         self._ticked_at = float("-inf")
         self._min_gap = 0.0
@@ -249,7 +251,7 @@ class Hub:
             stats = self.stats
             stats.rtt_counts[bisect_left(RTT_BUCKETS, rtt)] += 1
             stats.rtt_sum += rtt
-        if ws_log.debug_enabled:
+        if self._debug_pongs:
             ws_log.debug(
                 "Received pong",
                 sessionId=conn.session_id,
@@ -648,6 +650,7 @@ class Hub:
         if self._fired_for is not None:
             heartbeat.observe_lateness(now - self._fired_for)
             self._fired_for = None
+        self._debug_pongs = ws_log.debug_enabled
         result = heartbeat.tick(now)
         pinged = 0
         head = frames.PING8_HEAD
