@@ -421,13 +421,51 @@ class Hub:
         return message
 
     def deliver(self, message: Message) -> None:
-        """Fan one message out to this process's subscribers (the backplane calls this)."""
+        """Fan one message out to this process's subscribers (the backplane calls this).
+
+        The common case is inlined: a client that is live, not paused, not
+        resuming and below the high-water mark gets the frame queued at once.
+        Everyone else takes `_deliver_to`, which applies every rule.
+        """
         frame = frames.text(message.data)  # encoded once for every client
-        for conn in self.registry.subscribers(message.topic):
+        subscribers = self.registry.subscribers(message.topic)
+        if message.is_resync:
+            for conn in subscribers:
+                if conn.pending is not None:
+                    conn.pending.append(message)
+                else:
+                    self._deliver_to(conn, message, frame)
+            return
+        topic, seq, size = message.topic, message.seq, len(frame)
+        high, room = self.backpressure.high, self.backpressure.max_buffer - size
+        dirty = self._dirty
+        delivered = 0
+        for conn in subscribers:
             if conn.pending is not None:
                 conn.pending.append(message)
-            else:
+                continue
+            if conn.closing:
+                continue
+            last_seq = conn.last_seq
+            if seq <= last_seq.get(topic, 0):
+                continue  # already delivered (resume overlap)
+            peer = conn.peer
+            taken = peer.buffered()
+            if conn.paused or taken > high or taken + conn.outq_bytes > room or peer.is_closing():
                 self._deliver_to(conn, message, frame)
+                continue
+            queue = conn.outq
+            if queue is None:
+                queue = conn.outq = []
+                dirty.append(conn)
+            queue.append(frame)
+            conn.outq_bytes += size
+            last_seq[topic] = seq
+            delivered += 1
+        if delivered:
+            self.stats.delivered[message.priority] += delivered
+            if self._flush_handle is None and dirty:
+                self._schedule_flush()
 
     def _deliver_to(
         self, conn: Connection, message: Message, frame: bytes | None = None, replay: bool = False
