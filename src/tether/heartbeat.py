@@ -3,9 +3,10 @@
 The caller passes `now` (monotonic seconds) to every method; nothing here reads a
 clock, sleeps or touches a socket.
 
-The schedule is a wheel. The interval I is cut into S slots of width w (I/300,
-clamped to 10–100 ms); every connection lives in one slot for its whole life,
-and a slot comes round every I. A tick visits the slots whose time has come and
+The schedule is a wheel of S slots of width w (I/300, clamped to 10–100 ms)
+that turns once every P = I − 2w; every connection lives in one slot for its
+whole life, so it is pinged every P, a little more often than every I (why:
+the detection bound, below). A tick visits the slots whose time has come and
 handles their connections in a group: a ping costs O(1), with no per-connection
 heap or timer, and pings to one connection are exactly I apart. Only checks that
 would close a connection are timed one by one, on a small heap of their own.
@@ -24,11 +25,13 @@ The rules, for interval I and threshold K:
   process suspended), the answer may be sitting unread in a socket buffer, so a
   late check counts no miss; it only pings again. Visits that fell inside the
   stall are skipped, keeping the phase: pings never sent never count.
-* Detection bound. A peer that dies just after answering is pinged at most I
-  later, that ping and the next K-1 each go unanswered for I, so it is stale
-  within (K+1)·I of its last answer. The closing check runs at that ping's age
-  of I, `margin` ahead (the caller's recent timer lateness, 1 to 5 ms), so loop
-  latency does not carry it past (K+1)·I, nor much before.
+* Detection bound. A peer is closed no later than (K+1)·I after its last sign
+  of life, and no sooner than K·I after the first ping it left unanswered, so
+  never sooner than K·I after it died (it was alive to answer the ping before).
+  With pings I apart those two instants coincide; with pings P = I − 2w apart
+  they are 2w apart, and the closing check runs at the midpoint: w (10 ms at
+  I = 1 s) of room on each side for timer latency. It also waits until the K-th
+  unanswered ping is I old, so "K pings unanswered for at least I each" holds.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ class Beat(Generic[T]):
     __slots__ = (
         "alive",
         "due",
-        "final",
+        "final_at",
+        "first_at",
         "key",
         "last_pong",
         "last_seen",
@@ -74,10 +78,11 @@ class Beat(Generic[T]):
         self.last_pong: float | None = None
         self.ping_id = 0  # id of the last ping sent, echoed back in its pong
         self.ping_at = 0.0  # when the last ping was sent
+        self.first_at = 0.0  # when the first ping since the last sign of life was sent
         self.outstanding = False  # a ping was sent and nothing came back since
         self.misses = 0
         self.rtt: float | None = None
-        self.final = False  # a closing check is queued on the finals heap
+        self.final_at: float | None = None  # when its queued closing check runs, if any
         self.skipped = False  # its slot came round while that check was queued
 
 
@@ -103,12 +108,6 @@ class Heartbeat(Generic[T]):
         # How late a check may run and still count a miss, and how much timer
         # jitter a ping's age may show and still be "at least I".
         self.tolerance = min(0.25 * interval, max(0.05, 0.1 * interval))
-        # How far ahead of a ping's age reaching I the closing check runs: the
-        # caller's recent timer lateness (see `observe_lateness`), 1 to 5 ms.
-        self.max_margin = min(0.005, self.tolerance / 4)
-        self.min_margin = min(0.001, self.max_margin)
-        self.margin = min(0.002, self.max_margin)
-        self._lateness = 0.0
         # Slot width: how far apart groups of pings go out (a ping goes out up to
         # this much before the phase its connection was given).
         if resolution is None:
@@ -116,6 +115,9 @@ class Heartbeat(Generic[T]):
         resolution = min(resolution, self.tolerance / 4)
         self.slots = max(1, round(interval / resolution))
         self.resolution = interval / self.slots
+        # The wheel turns every P = I − 2w: each side of the closing window gets w.
+        self.period = interval - 2 * self.resolution
+        self.slack = self.resolution  # room on each side of a closing check
         self._wheel: list[dict[int, Beat[T]]] = [{} for _ in range(self.slots)]
         self._visits: list[tuple[float, int]] = []  # (time, slot) of slots with members
         self._queued = [False] * self.slots  # slot has an entry in _visits
@@ -149,9 +151,9 @@ class Heartbeat(Generic[T]):
     def _next_visit(self, slot: int, after: float) -> float:
         """The first time strictly after `after` that `slot` comes round."""
         assert self._origin is not None
-        base = self._origin + slot * self.resolution
-        turns = math.floor((after - base) / self.interval + _EPS) + 1
-        return base + turns * self.interval
+        base = self._origin + slot * (self.period / self.slots)
+        turns = math.floor((after - base) / self.period + _EPS) + 1
+        return base + turns * self.period
 
     def remove(self, beat: Beat[T]) -> None:
         """Stop tracking; a queued closing check is dropped lazily when it comes due."""
@@ -181,17 +183,6 @@ class Heartbeat(Generic[T]):
             return rtt
         return None
 
-    def observe_lateness(self, late: float) -> None:
-        """The caller's timer fired `late` seconds after the time asked for.
-
-        Closing checks then run that much ahead (times 1.5, plus 0.5 ms), between
-        `min_margin` and `max_margin`, so that they land on time: not earlier
-        than needed on a quiet machine, not past (K+1)·I on a busy one. A spike
-        fades by 2 % a tick.
-        """
-        self._lateness = max(late, self._lateness * 0.98)
-        self.margin = min(self.max_margin, max(self.min_margin, 1.5 * self._lateness + 0.0005))
-
     # ---- time
 
     def next_due(self) -> float | None:
@@ -215,7 +206,7 @@ class Heartbeat(Generic[T]):
         finals, visits = self._finals, self._visits
         while finals and finals[0][0] <= now + _EPS:
             at, _, beat = heapq.heappop(finals)
-            if beat.alive:
+            if beat.alive and beat.final_at == at:  # else voided since it was queued
                 self._final(beat, at, now, result)
         while visits and visits[0][0] <= now + _EPS:
             at, slot = heapq.heappop(visits)
@@ -223,17 +214,17 @@ class Heartbeat(Generic[T]):
             if not members:
                 self._queued[slot] = False
                 continue
-            nxt = at + self.interval
+            nxt = at + self.period
             if nxt <= now + _EPS:  # a stall: skip the turns that fell inside it
                 nxt = self._next_visit(slot, now)
             for beat in list(members.values()):
                 beat.due = nxt
-                if beat.outstanding or beat.final or beat.misses == last:
+                if beat.outstanding or beat.final_at is not None or beat.misses == last:
                     self._visit(beat, at, now, result)
                 else:  # answered, nothing queued, no check to time: ping (inline `_ping`)
                     self._next_ping_id += 1
                     beat.ping_id = self._next_ping_id
-                    beat.ping_at = now
+                    beat.ping_at = beat.first_at = now
                     beat.outstanding = True
                     ping.append(beat)
             heapq.heappush(visits, (nxt, slot))
@@ -243,9 +234,11 @@ class Heartbeat(Generic[T]):
 
     def _visit(self, beat: Beat[T], at: float, now: float, result: Tick[T]) -> None:
         """The beat's slot came round (due at `at`): count a miss, close, or ping."""
-        if beat.final:
-            beat.skipped = True  # the queued closing check decides, and pings if alive
-            return
+        if beat.final_at is not None:
+            if beat.outstanding:
+                beat.skipped = True  # the queued closing check decides, and pings if alive
+                return
+            beat.final_at = None  # answered since the check was queued: it is void
         if beat.outstanding:
             if now - at > self.tolerance:
                 result.voided += 1  # late: the answer may be unread; count nothing
@@ -260,7 +253,7 @@ class Heartbeat(Generic[T]):
 
     def _final(self, beat: Beat[T], at: float, now: float, result: Tick[T]) -> None:
         """A closing check: stale if the ping is still unanswered, else ping if its slot passed."""
-        beat.final = False
+        beat.final_at = None
         skipped, beat.skipped = beat.skipped, False
         if beat.outstanding:
             if now - at <= self.tolerance:
@@ -283,16 +276,27 @@ class Heartbeat(Generic[T]):
         self._next_ping_id += 1
         beat.ping_id = self._next_ping_id
         beat.ping_at = now
-        beat.outstanding = True
         result.ping.append(beat)
+        if not beat.outstanding:
+            beat.first_at = now  # the first ping since the last sign of life
+        beat.outstanding = True
         if beat.misses == self.missed - 1:
-            # Unanswered, this ping makes the connection stale once it is I old:
-            # that check is timed on its own, not left to the slot's next turn.
-            interval = self.interval
-            at = min(now + interval, beat.last_seen + (self.missed + 1) * interval)
-            at = max(now + interval - self.tolerance, at - self.margin)
-            beat.final = True
+            # Unanswered, this ping makes the connection stale: that check is
+            # timed on its own, not left to the slot's next turn.
+            at = beat.final_at = self._closing_time(beat, now)
             heapq.heappush(self._finals, (at, beat.key, beat))
+
+    def _closing_time(self, beat: Beat[T], now: float) -> float:
+        """When to close if the ping sent `now` stays unanswered (see the module's rules).
+
+        The midpoint of [first unanswered ping + K·I, last sign of life + (K+1)·I],
+        and never before the ping sent now is I old.
+        """
+        interval, k = self.interval, self.missed
+        lo = beat.first_at + k * interval
+        hi = beat.last_seen + (k + 1) * interval
+        at = (lo + hi) / 2 if lo <= hi else lo
+        return max(at, now + interval)
 
 
 def encode_ping_id(ping_id: int) -> bytes:

@@ -161,7 +161,6 @@ class Hub:
         self._heartbeat_running = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
-        self._fired_for: float | None = None  # the time the firing timer was set for
         # Whether `Received pong` is logged: read once per tick, not once per pong.
         self._debug_pongs = ws_log.debug_enabled
         self._tick_pending = False
@@ -169,10 +168,10 @@ class Hub:
         self._min_gap = 0.0
         if self.heartbeat is not None:
             # Ticks at most every 0.5 ms, so a closing check is never later than a
-            # fraction of its smallest margin. Pings go out a slot at a time (10 ms to 100 ms
-            # apart: I/300), so they, and the pongs that answer them, come in groups
-            # that one loop pass handles (fewer wake-ups at large I).
-            self._min_gap = min(0.0005, self.heartbeat.min_margin / 2)
+            # fraction of its slack (w on each side). Pings go out a slot at a time
+            # (10 ms to 100 ms apart: I/300), so they, and the pongs that answer
+            # them, come in groups that one loop pass handles (fewer wake-ups).
+            self._min_gap = min(0.0005, self.heartbeat.slack / 4)
         self._lag_handle: asyncio.TimerHandle | None = None
         self._lag_expected = 0.0
         self._lag_period = 0.25
@@ -675,7 +674,6 @@ class Hub:
         # first, so a late tick never reaps a client whose answer is unread.
         self._timer = None
         self._tick_pending = True
-        self._fired_for = self._timer_when
         asyncio.get_running_loop().call_soon(self._tick)
 
     def _tick(self) -> None:
@@ -685,9 +683,6 @@ class Hub:
         heartbeat = self.heartbeat
         if heartbeat is None or not self._heartbeat_running:
             return
-        if self._fired_for is not None:
-            heartbeat.observe_lateness(now - self._fired_for)
-            self._fired_for = None
         self._debug_pongs = ws_log.debug_enabled
         result = heartbeat.tick(now)
         pinged = 0
