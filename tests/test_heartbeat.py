@@ -27,6 +27,19 @@ def run_until(hb: Heartbeat[str], clock: ManualClock, until: float, step: float 
     return log
 
 
+def drive(hb: Heartbeat[int], clock: ManualClock, until: float) -> int:
+    """Tick at each due time up to `until`, every ping answered at once; the number of ticks."""
+    ticks = 0
+    while clock.now() < until:
+        due = hb.next_due()
+        assert due is not None
+        clock.advance(max(0.0, due - clock.now()))
+        ticks += 1
+        for b in hb.tick(clock.now()).ping:
+            hb.pong(b, b.ping_id, clock.now())
+    return ticks
+
+
 def test_phases_spread_10000_simultaneous_connections() -> None:
     clock = ManualClock()
     hb: Heartbeat[int] = Heartbeat(I, 2)
@@ -82,15 +95,7 @@ def test_slots_are_visited_once_per_interval_and_only_when_occupied() -> None:
     hb: Heartbeat[int] = Heartbeat(30.0, 2)
     assert hb.resolution == pytest.approx(0.1) and hb.slots == 300
     beat = hb.add(1, clock.now())
-    ticks = 0
-    while clock.now() < 1000 + 90.0:
-        due = hb.next_due()
-        assert due is not None
-        clock.advance(max(0.0, due - clock.now()))
-        t = hb.tick(clock.now())
-        ticks += 1
-        for b in t.ping:
-            hb.pong(b, b.ping_id, clock.now())
+    ticks = drive(hb, clock, 1000 + 90.0)
     assert ticks <= 4  # one occupied slot: a tick per interval, not one per slot
     hb.remove(beat)
     assert hb.next_due() is None
@@ -286,15 +291,7 @@ def test_grouped_pings_keep_the_bound_from_the_last_answer() -> None:
     hb: Heartbeat[int] = Heartbeat(30.0, 2)
     for n in range(19_000):
         hb.add(n, clock.now())
-    ticks = 0
-    while clock.now() < 1000 + 30.0:
-        due = hb.next_due()
-        assert due is not None
-        clock.advance(max(0.0, due - clock.now()))
-        t = hb.tick(clock.now())
-        ticks += 1
-        for b in t.ping:
-            hb.pong(b, b.ping_id, clock.now())
+    ticks = drive(hb, clock, 1000 + 30.0)
     assert ticks <= 30.0 / hb.resolution + 5  # ~300 groups of ~63, not 19,000 wake-ups
     # A peer that answered three pings, then died just after the third answer.
     for resolution in (None, 0.2):
