@@ -8,19 +8,21 @@ that turns once every P = I − 2w; every connection lives in one slot for its
 whole life, so it is pinged every P, a little more often than every I (why:
 the detection bound, below). A tick visits the slots whose time has come and
 handles their connections in a group: a ping costs O(1), with no per-connection
-heap or timer, and pings to one connection are exactly I apart. Only checks that
+heap or timer, and pings to one connection are exactly P apart. Only checks that
 would close a connection are timed one by one, on a small heap of their own.
 
 The rules, for interval I and threshold K:
 
-* Phases. The n-th connection goes to the slot at frac(n·φ)·I (φ the golden
-  ratio): whatever the arrival pattern, even 10,000 connections in one instant,
-  they are spread evenly over the interval. Its first ping comes when its slot
-  next comes round, within I of connecting.
+* Phases. The n-th connection goes to slot frac(n·φ)·S (φ the golden ratio):
+  whatever the arrival pattern, even 10,000 connections in one instant, they
+  are spread evenly over the turn. Its first ping comes when its slot next
+  comes round, within P of connecting.
 * Proof of life. Any inbound frame (`seen`) or pong clears the outstanding ping
   and the miss count. Outbound traffic is never passed in, so it never counts.
-* Misses. At a visit, an outstanding ping counts as missed only when it has been
-  unanswered for at least I. K misses in a row make the connection stale.
+* Misses. At a visit, an outstanding ping counts as missed when it has been
+  unanswered for a whole turn (at least I less the tolerance). K misses in a
+  row make the connection stale, and it is closed by the timed check below,
+  when each of the K pings has been unanswered for at least I.
 * Stalls never count. If a visit runs late (the event loop was blocked or the
   process suspended), the answer may be sitting unread in a socket buffer, so a
   late check counts no miss; it only pings again. Visits that fell inside the
