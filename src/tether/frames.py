@@ -93,8 +93,6 @@ class MaskCheck:
         """
         if (len(data) == 14 and data[0] == 0x8A and data[1] == 0x88
                 and not self._skip and not self._head):
-            if self.pongs:
-                self.pongs.clear()
             return int.from_bytes(data[6:14], "big") ^ int.from_bytes(data[2:6] * 2, "big")
         return None
 

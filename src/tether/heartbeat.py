@@ -54,7 +54,6 @@ class Beat(Generic[T]):
 
     __slots__ = (
         "alive",
-        "due",
         "final_at",
         "first_at",
         "key",
@@ -75,7 +74,6 @@ class Beat(Generic[T]):
         self.key = key
         self.slot = slot
         self.alive = True
-        self.due = now  # the next time its slot comes round (set by `add`)
         self.last_seen = now  # last proof of life (any inbound frame); starts at connect
         self.last_pong: float | None = None
         self.ping_id = 0  # id of the last ping sent, echoed back in its pong
@@ -142,11 +140,10 @@ class Heartbeat(Generic[T]):
         self._added += 1
         slot = int(((self._added * _PHI_FRACTION) % 1.0) * self.slots)
         beat = Beat(owner, self._added, now, slot)
-        beat.due = self._next_visit(slot, now)
         self._wheel[slot][beat.key] = beat
         if not self._queued[slot]:
             self._queued[slot] = True
-            heapq.heappush(self._visits, (beat.due, slot))
+            heapq.heappush(self._visits, (self._next_visit(slot, now), slot))
         self.count += 1
         return beat
 
@@ -204,7 +201,8 @@ class Heartbeat(Generic[T]):
         """Run the closing checks due by `now`, then visit the slots whose time has come."""
         result: Tick[T] = Tick()
         ping = result.ping
-        last = self.missed - 1  # misses before the ping whose closing check is timed
+        # With K = 1 every ping's closing check is timed, so none takes the inline path.
+        every_ping_timed = self.missed == 1
         finals, visits = self._finals, self._visits
         while finals and finals[0][0] <= now + _EPS:
             at, _, beat = heapq.heappop(finals)
@@ -220,8 +218,7 @@ class Heartbeat(Generic[T]):
             if nxt <= now + _EPS:  # a stall: skip the turns that fell inside it
                 nxt = self._next_visit(slot, now)
             for beat in list(members.values()):
-                beat.due = nxt
-                if beat.outstanding or beat.final_at is not None or beat.misses == last:
+                if beat.outstanding or beat.final_at is not None or every_ping_timed:
                     self._visit(beat, at, now, result)
                 else:  # answered, nothing queued, no check to time: ping (inline `_ping`)
                     self._next_ping_id += 1

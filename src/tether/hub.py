@@ -195,7 +195,9 @@ class Hub:
         if self.heartbeat is not None:
             conn.beat = self.heartbeat.add(conn, now)
             if self._heartbeat_running:
-                self._schedule(conn.beat.due)
+                due = self.heartbeat.next_due()
+                if due is not None:
+                    self._schedule(due)
         if self.greet:
             self._send_control(
                 conn,
@@ -427,30 +429,24 @@ class Hub:
         Everyone else takes `_deliver_to`, which applies every rule.
         """
         frame = frames.text(message.data)  # encoded once for every client
-        subscribers = self.registry.subscribers(message.topic)
-        if message.is_resync:
-            for conn in subscribers:
-                if conn.pending is not None:
-                    conn.pending.append(message)
-                else:
-                    self._deliver_to(conn, message, frame)
-            return
         topic, seq, size = message.topic, message.seq, len(frame)
         high, room = self.backpressure.high, self.backpressure.max_buffer - size
+        inline = not message.is_resync  # a resync notice takes the full rules for everyone
         dirty = self._dirty
         delivered = 0
-        for conn in subscribers:
+        for conn in self.registry.subscribers(topic):
             if conn.pending is not None:
                 conn.pending.append(message)
                 continue
-            if conn.closing:
+            if not inline or conn.closing or conn.paused:
+                self._deliver_to(conn, message, frame)
                 continue
             last_seq = conn.last_seq
             if seq <= last_seq.get(topic, 0):
                 continue  # already delivered (resume overlap)
             peer = conn.peer
             taken = peer.buffered()
-            if conn.paused or taken > high or taken + conn.outq_bytes > room or peer.is_closing():
+            if taken > high or taken + conn.outq_bytes > room or peer.is_closing():
                 self._deliver_to(conn, message, frame)
                 continue
             queue = conn.outq
