@@ -171,6 +171,7 @@ class Heartbeat(Generic[T]):
 
     def pong(self, beat: Beat[T], ping_id: int | None, now: float) -> float | None:
         """A pong arrived; returns the round-trip time when it answers our last ping."""
+        # `seen`, inlined: one call less on every pong.
         beat.last_seen = now
         beat.outstanding = False
         beat.misses = 0

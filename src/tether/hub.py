@@ -449,6 +449,7 @@ class Hub:
             if taken > high or taken + conn.outq_bytes > room or peer.is_closing():
                 self._deliver_to(conn, message, frame)
                 continue
+            # `_write`'s enqueue, inlined: one call less per delivery.
             queue = conn.outq
             if queue is None:
                 queue = conn.outq = []
