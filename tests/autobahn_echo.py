@@ -25,6 +25,7 @@ def settings(port: int) -> Settings:
         max_buffer=4 * MAX_MESSAGE,  # a 16 MiB echo must not count as a slow client
         message_rate=1_000_000,
         ping_rate=100_000,  # the 2.* cases send pings in bursts
+        frame_rate=10_000_000,  # the 9.* cases send messages in 64 KiB of tiny fragments
     )
 
 

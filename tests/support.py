@@ -169,7 +169,10 @@ class RecordingPeer:
     def abort(self) -> None:
         pass
 
-    async def close(self, code: int, reason: str, timeout: float) -> None:
+    def pause_reading(self) -> None:
+        pass
+
+    async def close(self, code: int, reason: str, timeout: float, *, read: bool = True) -> None:
         pass
 
     def messages(self) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ class Peer(RecordingPeer):
     def is_closing(self) -> bool:
         return self.closing
 
-    async def close(self, code: int, reason: str, timeout: float) -> None:
+    async def close(self, code: int, reason: str, timeout: float, *, read: bool = True) -> None:
         self.closed_with = (code, reason)
 
 

@@ -34,3 +34,17 @@ HEARTBEAT_TIMEOUT = (Close.NORMAL, "Heartbeat timeout")
 SHUTTING_DOWN = (Close.GOING_AWAY, REASONS[Close.GOING_AWAY])
 SLOW_CONSUMER = (Close.TRY_AGAIN_LATER, REASONS[Close.TRY_AGAIN_LATER])
 UNMASKED_FRAME = (Close.PROTOCOL_ERROR, "Protocol error: unmasked client frame")
+LONG_CONTROL_FRAME = (Close.PROTOCOL_ERROR, "Protocol error: control frame length")
+INVALID_CLOSE_CODE = (Close.PROTOCOL_ERROR, "Protocol error: invalid close code")
+FLOODING = (Close.POLICY_VIOLATION, REASONS[Close.POLICY_VIOLATION])
+
+# Codes a peer may put in a close frame (RFC 6455 §7.4.1, §7.4.2, and the IANA
+# registry): 1004-1006 and 1015 are reserved and must never be sent, 1016-2999
+# are reserved for future RFCs, 3000-4999 belong to libraries and applications,
+# and nothing is defined from 5000 on. 0 stands for a close frame with no code.
+_PEER_CODES = frozenset({0, 1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+def valid_close_code(code: int) -> bool:
+    """Whether a client's close frame may carry `code` (else: close 1002)."""
+    return code in _PEER_CODES or 3000 <= code <= 4999

@@ -44,6 +44,9 @@ class Settings:
     message_rate: int = 100
     ping_rate: int = 10
     handshake_timeout_ms: int = 10_000
+    max_topics: int = 100
+    max_per_address: int = 1_000
+    frame_rate: int = 1_000
 
     @property
     def heartbeat_enabled(self) -> bool:
@@ -227,7 +230,7 @@ OPTIONS: tuple[Option, ...] = (
         "ping_rate",
         _int_in(1, 100_000),
         "--ping-rate",
-        "client ping frames a second per client (extra pings are not answered)",
+        "client ping and pong frames a second per client (extra ones are ignored)",
     ),
     Option(
         "WS_HANDSHAKE_TIMEOUT",
@@ -235,6 +238,27 @@ OPTIONS: tuple[Option, ...] = (
         _int_in(100, 600_000),
         "--handshake-timeout",
         "ms a new TCP connection may take to send its request",
+    ),
+    Option(
+        "WS_MAX_TOPICS",
+        "max_topics",
+        _int_in(1, 100_000),
+        "--max-topics",
+        "topics one client may read at once (subscribe, ?topics=, ?since=, resume)",
+    ),
+    Option(
+        "WS_MAX_PER_ADDRESS",
+        "max_per_address",
+        _int_in(0, 1_000_000),
+        "--max-per-address",
+        "WebSocket clients from one address at once (0 = no limit); more get 429",
+    ),
+    Option(
+        "WS_FRAME_RATE",
+        "frame_rate",
+        _int_in(1, 10_000_000),
+        "--frame-rate",
+        "inbound frames a second per client, of every kind (a flood is closed 1008)",
     ),
 )
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import struct
 
+from tether import codes
+
 OP_TEXT = 0x1
 OP_BINARY = 0x2
 OP_CLOSE = 0x8
@@ -68,14 +70,18 @@ def close(code: int, reason: str) -> bytes:
 
 
 class MaskCheck:
-    """Follows a client's byte stream frame by frame: is every frame masked? (RFC 6455 §5.1).
+    """Follows a client's byte stream frame by frame, reading only the headers (RFC 6455 §5.2).
 
     aiohttp's parser accepts unmasked client frames; a server MUST close the
-    connection on one. `feed` reads only the frame headers (at most 14 bytes
-    each) and skips payloads by their length.
+    connection on one (§5.1). And a control frame's length must fit the 7-bit
+    field (§5.5: at most 125 bytes; §5.2: the minimal length encoding): a pong
+    written with the 16- or 64-bit form would otherwise slip past aiohttp's check
+    here, where whole pongs are taken out of the stream. `feed` reads only the
+    frame headers (at most 14 bytes each), skips payloads by their length, and
+    counts the frames, so that every frame kind can be held to a rate.
     """
 
-    __slots__ = ("_head", "_skip", "pongs")
+    __slots__ = ("_head", "_skip", "error", "frames", "pongs")
 
     def __init__(self) -> None:
         self._head = bytearray()  # header bytes of the frame being read
@@ -83,21 +89,33 @@ class MaskCheck:
         # (start, end) of each whole pong frame in the last chunk fed, so the
         # caller can answer it without the full parser (see server.py).
         self.pongs: list[tuple[int, int]] = []
+        self.frames = 0  # frame headers read; the caller resets it
+        self.error: tuple[int, str] | None = None  # close code and reason of a bad frame
 
     def lone_pong(self, data: bytes) -> int | None:
         """When `data` is exactly one masked pong with an 8-byte payload, that payload as an int.
 
         This is what a heartbeat round brings back from each client (our pings
         carry 8 bytes), so it is recognised before the general scan; the stream
-        position does not move (the frame is whole).
+        position does not move (the frame is whole). The caller counts the frame.
         """
         if (len(data) == 14 and data[0] == 0x8A and data[1] == 0x88
                 and not self._skip and not self._head):
             return int.from_bytes(data[6:14], "big") ^ int.from_bytes(data[2:6] * 2, "big")
         return None
 
+    def _bad(self, b1: int, b2: int) -> bool:
+        """Whether a header starting with bytes b1, b2 is refused (sets `error`)."""
+        if not b2 & 0x80:
+            self.error = codes.UNMASKED_FRAME
+            return True
+        if b1 & 0x08 and b2 & 0x7F > 125:  # a control frame (opcode 0x8-0xF)
+            self.error = codes.LONG_CONTROL_FRAME
+            return True
+        return False
+
     def feed(self, data: bytes | bytearray | memoryview) -> int | None:
-        """Where the first unmasked frame starts in `data` (0 if in an earlier chunk), else None."""
+        """Where the first refused frame starts in `data` (0 if in an earlier chunk), else None."""
         pos, end = 0, len(data)
         pongs = self.pongs
         if pongs:
@@ -110,9 +128,10 @@ class MaskCheck:
                 continue
             if not self._head and end - pos >= 14:
                 # Fast path: a whole header (at most 14 bytes) is in this chunk.
-                b2 = data[pos + 1]
-                if not b2 & 0x80:
+                b1, b2 = data[pos], data[pos + 1]
+                if self._bad(b1, b2):
                     return pos
+                self.frames += 1
                 size = b2 & 0x7F
                 if size == 126:
                     size, header = int.from_bytes(data[pos + 2 : pos + 4], "big"), 8
@@ -120,7 +139,7 @@ class MaskCheck:
                     size, header = int.from_bytes(data[pos + 2 : pos + 10], "big"), 14
                 else:
                     header = 6
-                if data[pos] == 0x8A and size <= 125 and pos + header + size <= end:
+                if b1 == 0x8A and pos + header + size <= end:
                     pongs.append((pos, pos + header + size))  # FIN + pong, all here
                 pos += header
                 self._skip = size
@@ -132,8 +151,10 @@ class MaskCheck:
             pos += 1
             if len(head) < 2:
                 continue
-            if not head[1] & 0x80:
-                return max(0, start)
+            if len(head) == 2:
+                if self._bad(head[0], head[1]):
+                    return max(0, start)
+                self.frames += 1
             size = head[1] & 0x7F
             extra = 2 if size == 126 else 8 if size == 127 else 0
             if len(head) < 2 + extra + 4:  # length, then the 4-byte masking key

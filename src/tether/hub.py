@@ -39,6 +39,10 @@ ws_log = get_logger("websocket")
 hb_log = get_logger("heartbeat")
 
 
+# Longest an abusive client's socket stays open once its close frame is written:
+# long enough for the frame to reach it, so it learns why (RFC 6455 §7.1.7).
+SHED_GRACE = 1.0
+
 # Longest a written frame waits so that several go out in one write (see _flush).
 MAX_WRITE_DELAY = 0.005
 
@@ -75,15 +79,41 @@ class Stats:
     loop_stalls: int = 0
 
 
-def parse_since(raw: object) -> dict[str, int]:
-    """`a:12,b:3` or {"a": 12} → {"a": 12, "b": 3}; raises ValueError."""
+# The largest seq a client may name: Redis counts in signed 64-bit integers, and
+# no topic gets near it. Bigger numbers are refused, never wrapped or rounded.
+MAX_SEQ = 2**63 - 1
+_MAX_SEQ_DIGITS = len(str(MAX_SEQ))
+
+
+def parse_seq(name: str, seq: object) -> int:
+    """A seq named by a client: an int, or a string of ASCII digits, in 0..MAX_SEQ."""
+    if isinstance(seq, str):
+        # int() would also take "1_000", " 12", "+3" and non-ASCII digits.
+        if not (seq and len(seq) <= _MAX_SEQ_DIGITS and seq.isascii() and seq.isdigit()):
+            raise ValueError(f"seq of {name!r} must be a whole number of 0 to {MAX_SEQ}")
+        value = int(seq)
+    elif isinstance(seq, int) and not isinstance(seq, bool):
+        value = seq
+    else:
+        raise ValueError(f"seq of {name!r} must be a whole number of 0 to {MAX_SEQ}")
+    if not 0 <= value <= MAX_SEQ:
+        raise ValueError(f"seq of {name!r} must be a whole number of 0 to {MAX_SEQ}")
+    return value
+
+
+def parse_since(raw: object, limit: int = 100) -> dict[str, int]:
+    """`a:12,b:3` or {"a": 12} → {"a": 12, "b": 3}; raises ValueError.
+
+    At most `limit` topics: a resume names topics to read, and topics per client
+    are capped (WS_MAX_TOPICS).
+    """
     pairs: Iterable[tuple[object, object]]
     if isinstance(raw, str):
         split: list[tuple[object, object]] = []
         for part in filter(None, (p.strip() for p in raw.split(","))):
             name, sep, number = part.rpartition(":")
             if not sep:
-                raise ValueError(f"since needs topic:seq, got {part!r}")
+                raise ValueError(f"since needs topic:seq, got {part[:40]!r}")
             split.append((name, number))
         pairs = split
     elif isinstance(raw, Mapping):
@@ -96,20 +126,14 @@ def parse_since(raw: object) -> dict[str, int]:
             name = check_topic(key)
         except PublishError as exc:
             raise ValueError(exc.message) from None
-        if isinstance(seq, bool):
-            raise ValueError("seq must be an integer")
-        try:
-            value = int(seq) if isinstance(seq, (int, str)) else int(str(seq))
-        except ValueError:
-            raise ValueError(f"seq of {name!r} must be an integer") from None
-        if value < 0:
-            raise ValueError(f"seq of {name!r} must be >= 0")
-        result[name] = value
+        result[name] = parse_seq(name, seq)
+        if len(result) > limit:
+            raise ValueError(f"since names more than {limit} topics")
     return result
 
 
-def parse_topics(raw: object) -> list[str]:
-    """A list of topic names from a list or a comma string; raises ValueError."""
+def parse_topics(raw: object, limit: int = 100) -> list[str]:
+    """A list of at most `limit` topic names from a list or a comma string; raises ValueError."""
     items: list[object]
     if isinstance(raw, str):
         items = [t.strip() for t in raw.split(",") if t.strip()]
@@ -117,8 +141,8 @@ def parse_topics(raw: object) -> list[str]:
         items = raw
     else:
         raise ValueError("topics must be a list of strings")
-    if len(items) > 100:
-        raise ValueError("at most 100 topics at once")
+    if len(items) > limit:
+        raise ValueError(f"at most {limit} topics at once")
     try:
         return [check_topic(t) for t in items]
     except PublishError as exc:
@@ -143,6 +167,7 @@ class Hub:
         greet: bool = True,
     ) -> None:
         self.settings = settings
+        self.max_topics = settings.max_topics
         self.greet = greet  # send `connected` on open (SPEC §9)
         self.backplane = backplane
         self.clock: Clock = clock or SystemClock()
@@ -243,11 +268,24 @@ class Hub:
         return self.pong_id(conn, decode_ping_id(payload))
 
     def pong_id(self, conn: Connection, ping_id: int | None) -> float | None:
-        """A pong whose payload was already read as a ping id (None: not one of ours)."""
+        """A pong whose payload was already read as a ping id (None: not one of ours).
+
+        Pongs count against the control-frame rate with pings (RFC 6455 §5.5.3
+        allows unsolicited pongs, not a flood of them): one over the rate is
+        ignored, a flood closes the connection.
+        """
+        now = self.clock.now()
+        bucket = conn.control_bucket
+        if bucket is None:
+            rate = self.settings.ping_rate
+            bucket = conn.control_bucket = TokenBucket(rate, rate, now)
+        if not bucket.take(now):
+            self._refused(conn, bucket, "pong flood")
+            return None
         beat = conn.beat
         if beat is None or self.heartbeat is None:
             return None
-        rtt = self.heartbeat.pong(beat, ping_id, self.clock.now())
+        rtt = self.heartbeat.pong(beat, ping_id, now)
         if rtt is not None:
             stats = self.stats
             stats.rtt_counts[bisect_left(RTT_BUCKETS, rtt)] += 1
@@ -262,18 +300,40 @@ class Hub:
 
     def client_ping(self, conn: Connection, payload: bytes | bytearray) -> None:
         """A ping frame from the client: answer it (RFC 6455 §5.5.3) within its rate."""
-        bucket = conn.ping_bucket
+        now = self.clock.now()
+        bucket = conn.control_bucket
         if bucket is None:
-            bucket = conn.ping_bucket = TokenBucket(
-                self.settings.ping_rate, self.settings.ping_rate, self.clock.now()
-            )
-        if bucket.take(self.clock.now()):
+            rate = self.settings.ping_rate
+            bucket = conn.control_bucket = TokenBucket(rate, rate, now)
+        if bucket.take(now):
             if not conn.closing and not conn.peer.is_closing():
                 conn.peer.write(frames.pong(payload))
             return
-        self.stats.rate_limited += 1  # a ping flood gets no answers
+        self._refused(conn, bucket, "ping flood")  # a ping flood gets no answers
+
+    def count_frames(self, conn: Connection, count: int) -> bool:
+        """`count` more frames of any kind arrived; False when that is a flood (closed 1008).
+
+        Messages and control frames have rates of their own; this one bounds
+        what a client can make the server parse at all (tiny continuation
+        frames, say). Its burst is a second's worth, so a burst that a client
+        really sends fits, and a flood is closed at once.
+        """
+        now = self.clock.now()
+        bucket = conn.frame_bucket
+        if bucket is None:
+            rate = self.settings.frame_rate
+            bucket = conn.frame_bucket = TokenBucket(rate, rate, now)
+        if bucket.take(now, count):
+            return True
+        self.stats.rate_limited += 1
+        self._abuse(conn, "frame flood")
+        return False
+
+    def _refused(self, conn: Connection, bucket: TokenBucket, what: str) -> None:
+        self.stats.rate_limited += 1
         if bucket.abusive:
-            self._abuse(conn, "ping flood")
+            self._abuse(conn, what)
 
     def _within_rate(self, conn: Connection) -> bool:
         bucket = conn.bucket
@@ -290,11 +350,15 @@ class Hub:
         return False
 
     def _abuse(self, conn: Connection, what: str) -> None:
-        if conn.closing:  # the flood's tail, read after the close: count and log it once
+        if not conn.reading:  # the flood's tail, read before reading stopped: once is enough
+            return
+        conn.reading = False
+        if conn.closing:  # already closing for another reason: just stop reading it
+            conn.peer.pause_reading()
             return
         self.stats.abuse_closed += 1
         log.warn("Closing abusive client", sessionId=conn.session_id, reason=what)
-        self.close(conn, codes.Close.POLICY_VIOLATION, codes.REASONS[codes.Close.POLICY_VIOLATION])
+        self.close(conn, *codes.FLOODING, read=False)
 
     def on_message(self, handler: MessageHandler) -> MessageHandler:
         """Register an application handler for client messages that are not tether's own.
@@ -356,25 +420,48 @@ class Hub:
                     reply["id"] = msg["id"]
                 self._send_control(conn, reply)
             elif kind == "subscribe":
-                topics = parse_topics(msg.get("topics"))
+                topics = self._admit(conn, parse_topics(msg.get("topics"), self.max_topics))
                 self.registry.subscribe(conn, topics)
                 self.backplane.watch(set(self.registry.topics()))
                 self._send_control(conn, {"type": "subscribed", "topics": sorted(conn.topics)})
             elif kind == "unsubscribe":
-                topics = parse_topics(msg.get("topics"))
+                topics = parse_topics(msg.get("topics"), self.max_topics)
                 self.registry.unsubscribe(conn, topics)
                 self.backplane.watch(set(self.registry.topics()))
                 self._send_control(conn, {"type": "unsubscribed", "topics": topics})
             else:  # resume
-                await self.resume(conn, parse_since(msg.get("since")))
+                await self.resume(conn, parse_since(msg.get("since"), self.max_topics))
         except ValueError as exc:
             self._client_error(conn, str(exc))
+
+    def _admit(self, conn: Connection, topics: Iterable[str]) -> list[str]:
+        """`topics`, if the client may read them all without passing WS_MAX_TOPICS.
+
+        Every route that adds topics (`?topics=`, `subscribe`, `?since=`,
+        `resume`) comes through here, so one client's topics, and what the hub
+        and the backplane keep for them, stay bounded. Raises ValueError.
+        """
+        wanted = list(dict.fromkeys(topics))
+        new = sum(1 for t in wanted if t not in conn.topics and t != BROADCAST_TOPIC)
+        if new and len(conn.topics) + new > self.max_topics:
+            raise ValueError(
+                f"topic limit: a client reads at most {self.max_topics} topics "
+                f"(it reads {len(conn.topics)}, asked for {new} more)"
+            )
+        return wanted
 
     def _client_error(self, conn: Connection, error: str) -> None:
         self.stats.client_errors += 1
         self._send_control(conn, {"type": "error", "error": error})
 
     # ------------------------------------------------------------------ resume (SPEC §7)
+
+    async def resume_query(self, conn: Connection, raw: str) -> None:
+        """The `?since=` of an upgrade: a resume whose error is answered, the connection kept."""
+        try:
+            await self.resume(conn, parse_since(raw, self.max_topics))
+        except ValueError as exc:
+            self._client_error(conn, f"since: {exc}")
 
     async def resume(self, conn: Connection, since: Mapping[str, int]) -> None:
         """Replay what the client missed on each topic, then let live messages through.
@@ -385,7 +472,7 @@ class Hub:
         """
         if not since:
             return
-        self.registry.subscribe(conn, list(since))
+        self.registry.subscribe(conn, self._admit(conn, since))
         self.backplane.watch(set(self.registry.topics()))
         self.stats.resumes += 1
         outer = conn.pending is not None
@@ -584,17 +671,23 @@ class Hub:
 
     # ------------------------------------------------------------------ closing
 
-    def close(self, conn: Connection, code: int, reason: str) -> None:
-        """Close with a handshake, waiting up to WS_CLOSE_TIMEOUT, then abort."""
+    def close(self, conn: Connection, code: int, reason: str, *, read: bool = True) -> None:
+        """Close with a handshake, waiting up to WS_CLOSE_TIMEOUT, then abort.
+
+        `read=False` (a client closed for abuse): its bytes are no longer read at
+        all, so a flood costs nothing while the close frame goes out; the socket
+        is aborted once the frame has left, after a short grace at most.
+        """
         if conn.closing:
             return
         self.flush_one(conn)  # what was accepted for it goes out before the close frame
         conn.closing = True
         conn.close_code, conn.close_reason = code, reason
         self._forget(conn)
-        fut = asyncio.ensure_future(
-            conn.peer.close(code, reason, self.settings.close_timeout_ms / 1000)
-        )
+        timeout = self.settings.close_timeout_ms / 1000
+        if not read:
+            timeout = min(timeout, SHED_GRACE)
+        fut = asyncio.ensure_future(conn.peer.close(code, reason, timeout, read=read))
         self._closers.add(fut)
         fut.add_done_callback(self._closers.discard)
 

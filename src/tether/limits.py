@@ -1,9 +1,9 @@
 """Abuse limits as pure decisions: a token bucket per connection (SPEC §10).
 
 A client may send `rate` messages a second with bursts up to `burst`. Past that,
-messages are refused (the caller answers `{"type":"error"}` or drops a ping);
-a client that keeps pushing past the limit for `burst` more messages is closed
-with 1008, so a flood costs the server little and never starves others.
+messages are refused (the caller answers `{"type":"error"}`, or drops a ping or
+a pong); a client that keeps pushing past the limit for `burst` more messages is
+closed with 1008, so a flood costs the server little and never starves others.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ class TokenBucket:
         self.last = now
         self.strikes = 0  # refusals since the bucket last had room
 
-    def take(self, now: float) -> bool:
-        """Spend one token; False when the client is over its rate."""
+    def take(self, now: float, n: float = 1.0) -> bool:
+        """Spend `n` tokens; False when the client is over its rate."""
         tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
         self.last = now
-        if tokens >= 1.0:
-            self.tokens = tokens - 1.0
+        if tokens >= n:
+            self.tokens = tokens - n
             self.strikes = 0
             return True
         self.tokens = tokens

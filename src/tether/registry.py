@@ -23,7 +23,10 @@ class Peer(Protocol):
     def buffered(self) -> int: ...
     def is_closing(self) -> bool: ...
     def abort(self) -> None: ...
-    async def close(self, code: int, reason: str, timeout: float) -> None: ...
+    def pause_reading(self) -> None: ...
+    async def close(
+        self, code: int, reason: str, timeout: float, *, read: bool = True
+    ) -> None: ...
 
 
 class Connection:
@@ -36,13 +39,15 @@ class Connection:
         "close_reason",
         "closing",
         "connected_at",
+        "control_bucket",
+        "frame_bucket",
         "last_seq",
         "outq",
         "outq_bytes",
         "paused",
         "peer",
         "pending",
-        "ping_bucket",
+        "reading",
         "remote",
         "session_id",
         "skipped",
@@ -64,8 +69,12 @@ class Connection:
         self.close_code: int | None = None  # set when the server closed it
         self.close_reason = ""
         self.beat: Beat[Connection] | None = None
-        self.bucket: TokenBucket | None = None  # inbound message rate, made on first use
-        self.ping_bucket: TokenBucket | None = None
+        # Inbound rates (SPEC §10), each made on first use: messages, control frames
+        # (pings and pongs), and frames of every kind.
+        self.bucket: TokenBucket | None = None
+        self.control_bucket: TokenBucket | None = None
+        self.frame_bucket: TokenBucket | None = None
+        self.reading = True  # False once closed for abuse: its bytes are no longer read
         # While a resume replays history, live messages wait here (None = live).
         self.pending: list[Message] | None = None
 
@@ -79,6 +88,7 @@ class Registry:
     def __init__(self) -> None:
         self._by_id: dict[str, Connection] = {}
         self._by_topic: dict[str, dict[Connection, None]] = {}
+        self._by_remote: dict[str, int] = {}  # connections per client address
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -89,6 +99,10 @@ class Registry:
     def __contains__(self, conn: object) -> bool:
         return isinstance(conn, Connection) and self._by_id.get(conn.session_id) is conn
 
+    def from_address(self, remote: str) -> int:
+        """How many registered connections come from `remote`."""
+        return self._by_remote.get(remote, 0)
+
     def get(self, session_id: str) -> Connection | None:
         return self._by_id.get(session_id)
 
@@ -96,6 +110,7 @@ class Registry:
         if conn.session_id in self._by_id:
             raise ValueError(f"session {conn.session_id} is already registered")
         self._by_id[conn.session_id] = conn
+        self._by_remote[conn.remote] = self._by_remote.get(conn.remote, 0) + 1
         for topic in conn.topics:
             self._by_topic.setdefault(topic, {})[conn] = None
 
@@ -104,6 +119,11 @@ class Registry:
         if self._by_id.get(conn.session_id) is not conn:
             return False
         del self._by_id[conn.session_id]
+        left = self._by_remote[conn.remote] - 1
+        if left:
+            self._by_remote[conn.remote] = left
+        else:
+            del self._by_remote[conn.remote]
         for topic in conn.topics:
             self._unindex(topic, conn)
         return True

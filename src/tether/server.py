@@ -11,7 +11,10 @@ with permessage-deflate off so the same bytes are valid on every connection.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hmac
+import struct
+import termios
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, cast
@@ -24,7 +27,7 @@ from tether import codes, frames, metrics
 from tether.config import Settings
 from tether.errors import BackplaneError, PublishError
 from tether.heartbeat import decode_ping_id
-from tether.hub import Hub, parse_since, parse_topics
+from tether.hub import Hub, parse_topics
 from tether.logs import get_logger
 from tether.registry import Connection
 
@@ -53,16 +56,25 @@ class AiohttpPeer:
     def abort(self) -> None:
         self.transport.abort()
 
-    async def close(self, code: int, reason: str, timeout: float) -> None:
+    def pause_reading(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    async def close(self, code: int, reason: str, timeout: float, *, read: bool = True) -> None:
         """Send close (RFC 6455 §7.1.2), then FIN, and linger; abort after `timeout`.
 
         The close frame goes out after what is buffered, then FIN (§7.1.1: the
         server closes TCP first), while the socket keeps reading until the client
         answers with its close frame or EOF (the handler's `receive()` sees it and
         aiohttp closes the transport). Closing a socket with unread input resets
-        it and drops what was not yet sent, so a client still sending (a flood)
-        would never see its close code. A peer that does not read or answer would
-        keep the socket forever: past `timeout` the transport is aborted.
+        it and drops what was not yet sent, so a client still sending would never
+        see its close code. A peer that does not read or answer would keep the
+        socket forever: past `timeout` the transport is aborted.
+
+        `read=False` (a client closed for flooding): reading stops first, so the
+        flood costs nothing more; the socket is aborted as soon as the kernel has
+        delivered every byte of the close frame (nothing left unacknowledged), or
+        after `timeout`.
         """
         loop = asyncio.get_running_loop()
         self._closed = loop.create_future()
@@ -70,12 +82,19 @@ class AiohttpPeer:
         try:
             async with asyncio.timeout(timeout):
                 if not transport.is_closing():
+                    if not read:
+                        transport.pause_reading()
                     transport.write(frames.close(code, reason))
                     transport.write_eof()
-                while not transport.is_closing():  # noqa: ASYNC110 - no event for it
+                if read:
+                    while not transport.is_closing():  # noqa: ASYNC110 - no event for it
+                        await asyncio.sleep(0.02)
+                while transport.get_write_buffer_size() > 0 or (  # noqa: ASYNC110 - no event
+                    not read and _unacknowledged(transport)
+                ):
                     await asyncio.sleep(0.02)
-                while transport.get_write_buffer_size() > 0:  # noqa: ASYNC110 - no event for it
-                    await asyncio.sleep(0.02)
+                if not read:
+                    transport.abort()
         except Exception:  # timeout or a broken transport: free it now
             transport.abort()
         finally:
@@ -95,10 +114,15 @@ class ClientStream(asyncio.Protocol):
     * Whole pong frames, recognised in the header scan (the common one, a lone
       8-byte heartbeat pong, before it): they go to the hub and no further, so a
       pong costs no parse and no wake-up of the connection's handler task.
-    * An unmasked client frame: a server must close the connection (RFC 6455
-      §5.1) with 1002 and without waiting for a close handshake (§7.1.7).
-      aiohttp's parser accepts such frames and has no option for it, so nothing
-      from that frame on is passed on, and the hub kills the connection.
+    * An unmasked client frame, or a control frame whose length is not in the
+      7-bit field: a server must close the connection (RFC 6455 §5.1, §5.5)
+      with 1002 and without waiting for a close handshake (§7.1.7). aiohttp's
+      parser accepts unmasked frames and has no option for it, and it never
+      sees the pongs taken out here, so nothing from that frame on is passed
+      on, and the hub kills the connection.
+
+    It also counts the frames against the client's frame rate, and once a
+    client is closed for flooding it reads nothing more from it.
     """
 
     __slots__ = ("_check", "_conn", "_failed", "_hub", "_inner")
@@ -111,30 +135,35 @@ class ClientStream(asyncio.Protocol):
         self._failed = False
 
     def data_received(self, data: bytes) -> None:
-        if self._failed:
-            return
+        conn = self._conn
+        if self._failed or not conn.reading:
+            return  # refused or closed for flooding: nothing more is parsed
         check = self._check
         ping_id = check.lone_pong(data)
         if ping_id is not None:  # the common case: one heartbeat answer, nothing else
-            self._hub.pong_id(self._conn, ping_id)
+            self._hub.pong_id(conn, ping_id)
             return
         bad = check.feed(data)
+        if check.frames:
+            count, check.frames = check.frames, 0
+            if not self._hub.count_frames(conn, count):
+                return  # a frame flood: closed, and not read any further
         limit = len(data) if bad is None else bad
         rest: bytes = data if bad is None else data[:bad]
         if check.pongs:
             parts, last = [], 0
             for start, end in check.pongs:
                 payload = frames.unmask_control(data, start, end)
-                self._hub.pong_id(self._conn, decode_ping_id(payload))
+                self._hub.pong_id(conn, decode_ping_id(payload))
                 parts.append(data[last:start])
                 last = end
             parts.append(data[last:limit])
             rest = b"".join(parts)
-        if rest:
+        if rest and conn.reading:
             self._inner.data_received(rest)  # the masked frames before a bad one still count
         if bad is not None:
             self._failed = True
-            self._hub.kill(self._conn, *codes.UNMASKED_FRAME)
+            self._hub.kill(conn, *(check.error or codes.UNMASKED_FRAME))
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
@@ -147,6 +176,21 @@ class ClientStream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._inner.resume_writing()
+
+
+def _unacknowledged(transport: asyncio.Transport) -> int:
+    """Bytes the kernel holds for this socket that the peer has not acknowledged (Linux).
+
+    0 when it cannot tell: the caller then waits out its grace period instead.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", raw)[0])
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -189,6 +233,13 @@ class Routes:
             log.warn("Connection refused, limit reached", limit=self.settings.max_connections,
                      remote=request.remote)
             return _error(503, "too many connections")
+        remote = request.remote or "?"
+        per_address = self.settings.max_per_address
+        if per_address and hub.registry.from_address(remote) >= per_address:
+            hub.stats.connections_refused += 1
+            log.warn("Connection refused, address limit reached", limit=per_address,
+                     remote=remote)
+            return _error(429, "too many connections from this address")
         if not origin_allowed(
             request.headers.get("Origin"), request.host, self.settings.allowed_origins
         ):
@@ -196,12 +247,13 @@ class Routes:
                      remote=request.remote)
             return _error(403, "origin not allowed")
         try:
-            topics = parse_topics(request.query.get("topics", ""))
-            since = parse_since(request.query.get("since", ""))
+            topics = parse_topics(request.query.get("topics", ""), self.settings.max_topics)
         except ValueError as exc:
             return _error(400, str(exc))
+        since = request.query.get("since", "")
         ws = web.WebSocketResponse(
             autoping=False,  # tether answers and measures pings itself (SPEC §4)
+            autoclose=False,  # tether answers a close itself: 1002 for an invalid code
             compress=False,  # one pre-encoded frame for every client
             # aiohttp refuses a message of max_msg_size bytes or more; WS_MAX_MESSAGE
             # is the largest one allowed (SPEC §2), so the cap is one above it.
@@ -213,13 +265,13 @@ class Routes:
         if transport is None or transport.is_closing():
             return ws
         peer = AiohttpPeer(ws, transport)
-        conn = hub.open(peer, request.remote or "?", topics)
+        conn = hub.open(peer, remote, topics)
         transport.set_protocol(ClientStream(transport.get_protocol(), hub, conn))
         code: int | None = None
         reason = ""
         try:
             if since:
-                await hub.resume(conn, since)
+                await hub.resume_query(conn, since)
             while True:
                 if conn.outq is not None:
                     # Replies to what this client sent go out before its next frame
@@ -241,6 +293,15 @@ class Routes:
                     await hub.binary(conn, msg.data)
                 elif kind is WSMsgType.CLOSE:
                     code, reason = msg.data, msg.extra or ""
+                    # Answer the client's close (RFC 6455 §5.5.1): 1000, or 1002 when
+                    # its code is one no endpoint may send (§7.4). When the server
+                    # closed first, its close frame is already out and this only
+                    # closes the transport.
+                    reply, why = codes.Close.NORMAL, ""
+                    if not codes.valid_close_code(code):
+                        reply, why = codes.INVALID_CLOSE_CODE
+                        code, reason = reply, why
+                    await ws.close(code=reply, message=why.encode(), drain=False)
                     break
                 elif kind is WSMsgType.CLOSING:
                     await peer.wait_closed()
