@@ -8,7 +8,15 @@ from collections import Counter
 import pytest
 
 from tether.clock import ManualClock
-from tether.heartbeat import Beat, Heartbeat, decode_ping_id, encode_ping_id
+from tether.heartbeat import (
+    ANSWER,
+    Beat,
+    Heartbeat,
+    State,
+    Tick,
+    decode_ping_id,
+    encode_ping_id,
+)
 
 I = 1.0  # noqa: E741 - the SPEC calls the interval I
 
@@ -172,7 +180,7 @@ def test_server_stall_of_five_intervals_closes_no_healthy_client(k: int) -> None
     assert sent
     clock.advance(5 * I)
     late = hb.tick(clock.now())
-    assert late.stale == [] and late.voided > 0
+    assert late.stale == [] and late.late > 0
     for b in beats:  # now the handlers read the pongs
         hb.pong(b, b.ping_id, clock.now())
     answer = set(range(100))
@@ -367,3 +375,69 @@ def test_closing_check_sits_mid_window_and_voids_when_the_client_answers() -> No
     assert beat.final_at is None
     clock.advance(I)
     assert hb.tick(clock.now()).stale == [] and beat.alive
+
+
+def test_every_state_moves_as_the_transition_table_says() -> None:
+    """Each (state, event) of heartbeat.py's table, reached by real events, K = 2."""
+    S = State
+
+    def at_state(target: State) -> tuple[Heartbeat[str], ManualClock, Beat[str]]:
+        clock = ManualClock()
+        hb: Heartbeat[str] = Heartbeat(I, 2)
+        beat = hb.add("x", clock.now())
+        passed = target in (S.CLOSING_PASSED, S.REVIVED_PASSED)
+        want = {S.REVIVED: S.CLOSING, S.REVIVED_PASSED: S.CLOSING_PASSED}.get(target, target)
+        for _ in range(10_000):
+            if beat.state is want and not (want is S.WAITING and beat.misses):
+                break
+            if want is S.CLOSING_PASSED and beat.state is S.CLOSING:
+                # its slot comes round before the check: advance to that visit only
+                clock.advance(hb._visits[0][0] - clock.now())
+                hb.tick(clock.now())
+                continue
+            due = hb.next_due()
+            assert due is not None
+            clock.advance(due - clock.now())
+            hb.tick(clock.now())
+        assert beat.state is want, (target, beat.state)
+        if target in (S.REVIVED, S.REVIVED_PASSED):
+            hb.seen(beat, clock.now())
+        assert beat.state is target and passed == (target.name.endswith("PASSED"))
+        return hb, clock, beat
+
+    # answer
+    for state, after in ANSWER.items():
+        hb, clock, beat = at_state(state)
+        hb.pong(beat, None, clock.now())
+        assert beat.state is after and beat.misses == 0, state
+    # visit and check, each transition applied to a beat in that state
+    for state, event, late, (pinged, stale, after) in [
+        (S.QUIET, "visit", False, (True, False, S.WAITING)),
+        (S.WAITING, "visit", False, (True, False, S.CLOSING)),  # a miss: the next is the K-th
+        (S.WAITING, "visit", True, (True, False, S.WAITING)),  # late: no miss counted
+        (S.CLOSING, "visit", False, (False, False, S.CLOSING_PASSED)),
+        (S.CLOSING_PASSED, "visit", False, (False, False, S.CLOSING_PASSED)),
+        (S.REVIVED, "visit", False, (True, False, S.WAITING)),  # its check is cancelled
+        (S.REVIVED_PASSED, "visit", False, (True, False, S.WAITING)),
+        (S.CLOSING, "check", False, (False, True, None)),
+        (S.CLOSING_PASSED, "check", False, (False, True, None)),
+        (S.CLOSING_PASSED, "check", True, (True, False, S.CLOSING)),  # late: ping again
+        (S.REVIVED, "check", False, (False, False, S.QUIET)),
+        (S.REVIVED_PASSED, "check", False, (True, False, S.WAITING)),
+    ]:
+        hb, clock, beat = at_state(state)
+        due = beat.ping_at + I if event == "visit" else beat.check_at
+        now = due + (3 * hb.tolerance if late else 0.0)
+        clock.advance(max(0.0, now - clock.now()))
+        t: Tick[str] = Tick()
+        if event == "visit":
+            hb._visit(beat, due, clock.now(), t)
+        else:
+            hb._check(beat, due, clock.now(), t)
+        case = (state, event, late)
+        assert (beat in t.ping, beat in t.stale, t.late) == (pinged, stale, int(late)), case
+        if stale:
+            assert not beat.alive and beat.misses == 2, case
+        else:
+            assert beat.state is after, (case, beat.state)
+            assert (beat.final_at is not None) == (after in (S.CLOSING, S.CLOSING_PASSED)), case

@@ -41,6 +41,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -49,24 +50,62 @@ _PHI_FRACTION = (math.sqrt(5) - 1) / 2  # 0.618...: the most evenly spreading st
 _EPS = 1e-9  # float noise when comparing a slot's time with `now`
 
 
+class State(IntEnum):
+    """Where one connection's heartbeat stands (the table below says how it moves)."""
+
+    QUIET = 0  # nothing outstanding: the next visit of its slot pings
+    WAITING = 1  # a ping is outstanding; if it goes unanswered it is not yet the K-th
+    CLOSING = 2  # the outstanding ping is the K-th unanswered one: a closing check is queued
+    CLOSING_PASSED = 3  # as CLOSING, and its slot came round meanwhile
+    REVIVED = 4  # answered while a closing check was queued: that check is void
+    REVIVED_PASSED = 5  # as REVIVED, and its slot came round while it was CLOSING
+
+
+# The transitions, event by event (h11's way: the machine as data).
+#
+#   answer (any frame from the peer; misses reset to 0)
+#     QUIET, WAITING → QUIET; CLOSING → REVIVED; CLOSING_PASSED → REVIVED_PASSED;
+#     REVIVED, REVIVED_PASSED → unchanged.
+#   visit (its slot comes round)
+#     QUIET → ping.
+#     WAITING → late visit: count nothing, ping; ping at least I old: a miss, ping;
+#               ping younger than I (it went out late): unchanged, wait for it.
+#     CLOSING, CLOSING_PASSED → CLOSING_PASSED (the queued check decides).
+#     REVIVED, REVIVED_PASSED → the queued check is cancelled; ping.
+#   check (the queued closing check comes due)
+#     CLOSING, CLOSING_PASSED → on time: stale (the K-th miss); late: count nothing, ping.
+#     REVIVED → QUIET (its slot has not come round: it pings then).
+#     REVIVED_PASSED → ping (its slot went by while the check was queued).
+#   ping → CLOSING when it is the K-th unanswered one (a check is queued), else WAITING.
+ANSWER = {
+    State.QUIET: State.QUIET,
+    State.WAITING: State.QUIET,
+    State.CLOSING: State.REVIVED,
+    State.CLOSING_PASSED: State.REVIVED_PASSED,
+    State.REVIVED: State.REVIVED,
+    State.REVIVED_PASSED: State.REVIVED_PASSED,
+}
+_OUTSTANDING = frozenset({State.WAITING, State.CLOSING, State.CLOSING_PASSED})
+_QUEUED = frozenset({State.CLOSING, State.CLOSING_PASSED, State.REVIVED, State.REVIVED_PASSED})
+
+
 class Beat(Generic[T]):
     """Heartbeat state of one connection; `owner` is whatever the caller tracks."""
 
     __slots__ = (
         "alive",
-        "final_at",
+        "check_at",
         "first_at",
         "key",
         "last_pong",
         "last_seen",
         "misses",
-        "outstanding",
         "owner",
         "ping_at",
         "ping_id",
         "rtt",
-        "skipped",
         "slot",
+        "state",
     )
 
     def __init__(self, owner: T, key: int, now: float, slot: int) -> None:
@@ -74,16 +113,25 @@ class Beat(Generic[T]):
         self.key = key
         self.slot = slot
         self.alive = True
+        self.state = State.QUIET
         self.last_seen = now  # last proof of life (any inbound frame); starts at connect
         self.last_pong: float | None = None
         self.ping_id = 0  # id of the last ping sent, echoed back in its pong
         self.ping_at = 0.0  # when the last ping was sent
         self.first_at = 0.0  # when the first ping since the last sign of life was sent
-        self.outstanding = False  # a ping was sent and nothing came back since
-        self.misses = 0
+        self.misses = 0  # unanswered pings in a row, counted
         self.rtt: float | None = None
-        self.final_at: float | None = None  # when its queued closing check runs, if any
-        self.skipped = False  # its slot came round while that check was queued
+        self.check_at = 0.0  # when the queued closing check runs (CLOSING, REVIVED states)
+
+    @property
+    def outstanding(self) -> bool:
+        """A ping was sent and nothing came back since."""
+        return self.state in _OUTSTANDING
+
+    @property
+    def final_at(self) -> float | None:
+        """When the closing check queued for it runs, if one is (and not cancelled)."""
+        return self.check_at if self.state in _QUEUED else None
 
 
 @dataclass(slots=True)
@@ -92,7 +140,7 @@ class Tick(Generic[T]):
 
     ping: list[Beat[T]] = field(default_factory=list)
     stale: list[Beat[T]] = field(default_factory=list)
-    voided: int = 0  # checks that ran late and so counted no miss
+    late: int = 0  # visits and checks that ran late and so counted no miss
 
 
 class Heartbeat(Generic[T]):
@@ -122,14 +170,14 @@ class Heartbeat(Generic[T]):
         self._visits: list[tuple[float, int]] = []  # (time, slot) of slots with members
         self._queued = [False] * self.slots  # slot has an entry in _visits
         self._origin: float | None = None  # slot j comes round at origin + j·w + n·I
-        self._finals: list[tuple[float, int, Beat[T]]] = []  # checks that would close
+        self._checks: list[tuple[float, int, Beat[T]]] = []  # closing checks, by time
         self._added = 0
         self._next_ping_id = 0
         self.count = 0
         self.pings_sent = 0
         self.pongs = 0
         self.stale_closed = 0
-        self.voided = 0
+        self.late_checks = 0
 
     # ---- membership
 
@@ -164,16 +212,16 @@ class Heartbeat(Generic[T]):
     # ---- inbound
 
     def seen(self, beat: Beat[T], now: float) -> None:
-        """Any frame from the peer: proof of life."""
+        """Any frame from the peer: proof of life (the `answer` transition)."""
         beat.last_seen = now
-        beat.outstanding = False
+        beat.state = ANSWER[beat.state]
         beat.misses = 0
 
     def pong(self, beat: Beat[T], ping_id: int | None, now: float) -> float | None:
         """A pong arrived; returns the round-trip time when it answers our last ping."""
         # `seen`, inlined: one call less on every pong.
         beat.last_seen = now
-        beat.outstanding = False
+        beat.state = ANSWER[beat.state]
         beat.misses = 0
         self.pongs += 1
         beat.last_pong = now
@@ -187,28 +235,35 @@ class Heartbeat(Generic[T]):
 
     def next_due(self) -> float | None:
         """When the next tick has work, or None when nothing is tracked."""
-        visits, finals = self._visits, self._finals
+        visits, checks = self._visits, self._checks
         while visits and not self._wheel[visits[0][1]]:
             self._queued[heapq.heappop(visits)[1]] = False  # emptied since it was queued
-        while finals and not finals[0][2].alive:
-            heapq.heappop(finals)
-        if visits and finals:
-            return min(visits[0][0], finals[0][0])
+        while checks and not self._current(checks[0]):
+            heapq.heappop(checks)
+        if visits and checks:
+            return min(visits[0][0], checks[0][0])
         if visits:
             return visits[0][0]
-        return finals[0][0] if finals else None
+        return checks[0][0] if checks else None
+
+    @staticmethod
+    def _current(entry: tuple[float, int, Beat[T]]) -> bool:
+        """Whether a queued check still stands (else it was cancelled or its beat removed)."""
+        at, _, beat = entry
+        return beat.alive and beat.state in _QUEUED and beat.check_at == at
 
     def tick(self, now: float) -> Tick[T]:
         """Run the closing checks due by `now`, then visit the slots whose time has come."""
         result: Tick[T] = Tick()
         ping = result.ping
-        # With K = 1 every ping's closing check is timed, so none takes the inline path.
-        every_ping_timed = self.missed == 1
-        finals, visits = self._finals, self._visits
-        while finals and finals[0][0] <= now + _EPS:
-            at, _, beat = heapq.heappop(finals)
-            if beat.alive and beat.final_at == at:  # else voided since it was queued
-                self._final(beat, at, now, result)
+        # With K = 1 every ping queues a closing check, so none takes the inline path.
+        every_ping_queues = self.missed == 1
+        checks, visits = self._checks, self._visits
+        quiet = State.QUIET
+        while checks and checks[0][0] <= now + _EPS:
+            entry = heapq.heappop(checks)
+            if self._current(entry):
+                self._check(entry[2], entry[0], now, result)
         while visits and visits[0][0] <= now + _EPS:
             at, slot = heapq.heappop(visits)
             members = self._wheel[slot]
@@ -219,72 +274,68 @@ class Heartbeat(Generic[T]):
             if nxt <= now + _EPS:  # a stall: skip the turns that fell inside it
                 nxt = self._next_visit(slot, now)
             for beat in list(members.values()):
-                if beat.outstanding or beat.final_at is not None or every_ping_timed:
+                if beat.state is not quiet or every_ping_queues:
                     self._visit(beat, at, now, result)
-                else:  # answered, nothing queued, no check to time: ping (inline `_ping`)
+                else:  # QUIET → WAITING, and no check to queue: `_ping`, inlined
                     self._next_ping_id += 1
                     beat.ping_id = self._next_ping_id
                     beat.ping_at = beat.first_at = now
-                    beat.outstanding = True
+                    beat.state = State.WAITING
                     ping.append(beat)
             heapq.heappush(visits, (nxt, slot))
         self.pings_sent += len(result.ping)
-        self.voided += result.voided
+        self.late_checks += result.late
         return result
 
     def _visit(self, beat: Beat[T], at: float, now: float, result: Tick[T]) -> None:
-        """The beat's slot came round (due at `at`): count a miss, close, or ping."""
-        if beat.final_at is not None:
-            if beat.outstanding:
-                beat.skipped = True  # the queued closing check decides, and pings if alive
-                return
-            beat.final_at = None  # answered since the check was queued: it is void
-        if beat.outstanding:
+        """The `visit` transitions: the beat's slot came round (due at `at`)."""
+        state = beat.state
+        if state is State.CLOSING or state is State.CLOSING_PASSED:
+            beat.state = State.CLOSING_PASSED  # the queued check decides, and pings if alive
+            return
+        if state is State.WAITING:
             if now - at > self.tolerance:
-                result.voided += 1  # late: the answer may be unread; count nothing
+                result.late += 1  # late: the answer may be unread; count nothing
             elif now - beat.ping_at >= self.interval - self.tolerance:
-                beat.misses += 1
-                if beat.misses >= self.missed:
-                    self._stale(beat, result)
-                    return
+                beat.misses += 1  # < K: the K-th would have queued a check instead
             else:
                 return  # the last ping went out late and is younger than I: wait for it
+        # QUIET, WAITING, and REVIVED states (whose queued check is cancelled).
         self._ping(beat, now, result)
 
-    def _final(self, beat: Beat[T], at: float, now: float, result: Tick[T]) -> None:
-        """A closing check: stale if the ping is still unanswered, else ping if its slot passed."""
-        beat.final_at = None
-        skipped, beat.skipped = beat.skipped, False
-        if beat.outstanding:
+    def _check(self, beat: Beat[T], at: float, now: float, result: Tick[T]) -> None:
+        """The `check` transitions: the closing check queued for `at` came due."""
+        state = beat.state
+        if state is State.CLOSING or state is State.CLOSING_PASSED:
             if now - at <= self.tolerance:
-                beat.misses += 1
-                if beat.misses >= self.missed:
-                    self._stale(beat, result)
-                    return
-            else:
-                result.voided += 1  # late: the answer may be unread; count nothing
+                beat.misses += 1  # the K-th
+                self.remove(beat)
+                self.stale_closed += 1
+                result.stale.append(beat)
+                return
+            result.late += 1  # late: the answer may be unread; count nothing
             self._ping(beat, now, result)
-        elif skipped:
+        elif state is State.REVIVED_PASSED:
             self._ping(beat, now, result)  # alive, and its slot went by meanwhile
-
-    def _stale(self, beat: Beat[T], result: Tick[T]) -> None:
-        self.remove(beat)
-        self.stale_closed += 1
-        result.stale.append(beat)
+        else:  # REVIVED: its slot has not come round yet and pings then
+            beat.state = State.QUIET
 
     def _ping(self, beat: Beat[T], now: float, result: Tick[T]) -> None:
+        """Send a ping: → CLOSING when it is the K-th unanswered one, else → WAITING."""
         self._next_ping_id += 1
         beat.ping_id = self._next_ping_id
         beat.ping_at = now
         result.ping.append(beat)
-        if not beat.outstanding:
+        if beat.state not in _OUTSTANDING:
             beat.first_at = now  # the first ping since the last sign of life
-        beat.outstanding = True
         if beat.misses == self.missed - 1:
             # Unanswered, this ping makes the connection stale: that check is
             # timed on its own, not left to the slot's next turn.
-            at = beat.final_at = self._closing_time(beat, now)
-            heapq.heappush(self._finals, (at, beat.key, beat))
+            beat.state = State.CLOSING
+            at = beat.check_at = self._closing_time(beat, now)
+            heapq.heappush(self._checks, (at, beat.key, beat))
+        else:
+            beat.state = State.WAITING
 
     def _closing_time(self, beat: Beat[T], now: float) -> float:
         """When to close if the ping sent `now` stays unanswered (see the module's rules).
@@ -295,7 +346,7 @@ class Heartbeat(Generic[T]):
         interval, k = self.interval, self.missed
         lo = beat.first_at + k * interval
         hi = beat.last_seen + (k + 1) * interval
-        at = (lo + hi) / 2 if lo <= hi else lo
+        at = (lo + hi) / 2 if lo <= hi else lo  # after a stall, never sooner than K·I
         return max(at, now + interval)
 
 

@@ -856,7 +856,7 @@ class Hub:
                 "pinged": hb.pings_sent if hb else 0,
                 "pongs": hb.pongs if hb else 0,
                 "staleClosed": hb.stale_closed if hb else 0,
-                "lateChecks": hb.voided if hb else 0,
+                "lateChecks": hb.late_checks if hb else 0,
             },
             "loop": {
                 "lagMs": round(s.loop_lag * 1000, 3),

@@ -50,7 +50,7 @@ class HubCollector:
         yield counter("heartbeat_stale_closed", "Connections closed as stale",
                       hb.stale_closed if hb else 0)
         yield counter("heartbeat_late_checks", "Checks that ran late and counted no miss",
-                      hb.voided if hb else 0)
+                      hb.late_checks if hb else 0)
         buckets = [(str(le), c) for le, c in zip(
             RTT_BUCKETS, accumulate(s.rtt_counts), strict=False)]
         buckets.append(("+Inf", sum(s.rtt_counts)))
