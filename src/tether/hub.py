@@ -24,7 +24,7 @@ import orjson
 
 from tether import codes, frames
 from tether.backplane.base import Backplane
-from tether.clock import Clock, SystemClock, iso, mono_to_iso
+from tether.clock import Clock, SystemClock, Timer, iso, mono_to_iso
 from tether.config import Settings
 from tether.errors import PublishError
 from tether.heartbeat import Beat, Heartbeat, decode_ping_id, encode_ping_id
@@ -184,7 +184,7 @@ class Hub:
         self.started_at = self.clock.now()
         self.shutting_down = False
         self._heartbeat_running = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
         self._timer_when = 0.0
         # Whether `Received pong` is logged: read once per tick, not once per pong.
         self._debug_pongs = ws_log.debug_enabled
@@ -197,13 +197,13 @@ class Hub:
             # (10 ms to 100 ms apart: I/300), so they, and the pongs that answer
             # them, come in groups that one loop pass handles (fewer wake-ups).
             self._min_gap = min(0.0005, self.heartbeat.slack / 4)
-        self._lag_handle: asyncio.TimerHandle | None = None
+        self._lag_handle: Timer | None = None
         self._lag_expected = 0.0
         self._lag_period = 0.25
         self._closers: set[asyncio.Future[None]] = set()
         self.message_handlers: list[MessageHandler] = []
         self._dirty: list[Connection] = []  # connections with queued frames
-        self._flush_handle: asyncio.Handle | None = None
+        self._flush_handle: Timer | None = None
         self._flush_cost = 0.0  # seconds the last flush took
 
     # ------------------------------------------------------------------ connections
@@ -633,12 +633,11 @@ class Hub:
         that each client gets several in one write (one system call), like Nagle's
         algorithm but bounded in time.
         """
-        loop = asyncio.get_running_loop()
         delay = min(MAX_WRITE_DELAY, self._flush_cost)
         if delay < 0.0005:
-            self._flush_handle = loop.call_soon(self.flush)
+            self._flush_handle = self.clock.call_soon(self.flush)
         else:
-            self._flush_handle = loop.call_later(delay, self.flush)
+            self._flush_handle = self.clock.call_later(delay, self.flush)
 
     def flush(self) -> None:
         """Write every queued frame: one write per client."""
@@ -756,7 +755,7 @@ class Hub:
                 return
             self._timer.cancel()
         self._timer_when = when
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, when - now), self._on_timer)
+        self._timer = self.clock.call_later(max(0.0, when - now), self._on_timer)
 
     def _on_timer(self) -> None:
         # Run the tick one loop pass later: frames read from sockets in this pass
@@ -764,7 +763,7 @@ class Hub:
         # first, so a late tick never reaps a client whose answer is unread.
         self._timer = None
         self._tick_pending = True
-        asyncio.get_running_loop().call_soon(self._tick)
+        self.clock.call_soon(self._tick)
 
     def _tick(self) -> None:
         self._tick_pending = False
@@ -814,7 +813,7 @@ class Hub:
             self._lag_period = min(0.25, max(0.02, self.heartbeat.interval / 4))
         self._stall_threshold = self.heartbeat.interval if self.heartbeat is not None else 1.0
         self._lag_expected = self.clock.now() + self._lag_period
-        self._lag_handle = asyncio.get_running_loop().call_later(self._lag_period, self._lag_check)
+        self._lag_handle = self.clock.call_later(self._lag_period, self._lag_check)
 
     def _lag_check(self) -> None:
         now = self.clock.now()
@@ -830,7 +829,7 @@ class Hub:
                 thresholdMs=round(self._stall_threshold * 1000),
             )
         self._lag_expected = now + self._lag_period
-        self._lag_handle = asyncio.get_running_loop().call_later(self._lag_period, self._lag_check)
+        self._lag_handle = self.clock.call_later(self._lag_period, self._lag_check)
 
     def stop(self) -> None:
         """Stop timers (heartbeat and lag monitor)."""
