@@ -12,9 +12,10 @@ import redis.asyncio as aioredis
 
 from tests.redis_server import RedisServer, running_redis, serve_without_redis
 from tests.support import free_port
-from tether.backplane.redis import PUBLISH_LUA, RedisBackplane, redact
+from tether.backplane.redis import PUBLISH_LUA, RedisBackplane
 from tether.errors import BackplaneError
 from tether.message import Message, prepare
+from tether.redact import redact_url as redact
 
 pytestmark = pytest.mark.redis
 
