@@ -24,7 +24,8 @@ _IDENTITY_NAMES = ("user",)
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # A URL in prose: up to a space or quote, and not its trailing punctuation.
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*[^\s'\"<>.,;:!?)\]]")
-_PAIR_IN_TEXT = re.compile(r"(?i)\b(password|passwd|pwd|secret|token)=[^\s&'\"]+")
+_PAIR_IN_TEXT = re.compile(
+    r"(?i)\b(password|passwd|pwd|secret|token)=[^\s&'\"]*[^\s&'\".,;:!?)\]]")
 
 
 def _is_secret(name: str) -> bool:
