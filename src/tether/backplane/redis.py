@@ -36,7 +36,7 @@ the same key), and the retry finds the key.
   delivered nothing again. A retry that reaches a node which did neither (it had
   no subscribers for the topic, or it restarted) is published again: the clients
   that had the original get it a second time, after the `resync` that a
-  renumbering sends anyway. Retrying against the same node avoids that.
+  renumbering sends anyway.
 - Keys older than the window, or pushed out of a node's memory by MAX_KEYS newer
   ones, are forgotten there. Redis keeps its keys for the window with no count
   bound: its memory grows with the rate of keyed publishes times the window.
