@@ -2,7 +2,8 @@
 
 The server listens on a free TCP port of 127.0.0.1 (so that a test can stop it
 and start it again on the same port, as an outage does) with persistence off:
-a restart loses every key, like a Redis without AOF that crashes.
+a restart loses every key, like a Redis without AOF that crashes. With
+`password`, it requires it (`requirepass`) and `url` carries it.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from tests.support import ROOT, free_port
 class RedisServer:
     """One redis-server process; `url` is what REDIS_URL takes."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
+        self.password = password
         self.dir = Path(tempfile.mkdtemp(prefix="tether-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        if self.password is not None:
+            return f"redis://:{self.password}@127.0.0.1:{self.port}"
         return f"redis://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 5.0) -> RedisServer:
@@ -41,7 +45,8 @@ class RedisServer:
             self.proc = subprocess.Popen(
                 [binary, "--port", str(self.port), "--bind", "127.0.0.1",
                  "--unixsocket", str(self.dir / "redis.sock"), "--unixsocketperm", "700",
-                 "--dir", str(self.dir), "--save", "", "--appendonly", "no"],
+                 "--dir", str(self.dir), "--save", "", "--appendonly", "no",
+                 *(["--requirepass", self.password] if self.password is not None else [])],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout
@@ -57,6 +62,10 @@ class RedisServer:
     def ping(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                if self.password is not None:
+                    s.sendall(f"AUTH {self.password}\r\n".encode())
+                    if not s.recv(16).startswith(b"+OK"):
+                        return False
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:
@@ -75,14 +84,23 @@ class RedisServer:
             proc.kill()
             proc.wait()
 
+    def kill(self) -> None:
+        """SIGKILL to this server's PID only (`kill -9`: no goodbye to its clients)."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def running_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
+def running_redis(password: str | None = None) -> Iterator[RedisServer]:
+    server = RedisServer(password=password).start()
     try:
         yield server
     finally:

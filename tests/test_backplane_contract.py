@@ -2,8 +2,10 @@
 
 A `Cluster` adapts one implementation: the nodes that share its store (the memory
 backplane has one node; Redis gets two processes' worth, in this process), a
-wipe of the store (a numbering restart) and `settle`, which waits until watch
-changes are in effect. Every test below runs unchanged against each.
+wipe of the store (a numbering restart), `settle`, which waits until watch
+changes are in effect, and `elapse`, which lets time pass for idempotency keys
+(a manual clock; Redis expires its keys in real time). Every test below runs
+unchanged against each.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from tests.redis_server import RedisServer, running_redis
 from tether.backplane.base import Backplane
 from tether.backplane.memory import MemoryBackplane
 from tether.backplane.redis import RedisBackplane
-from tether.message import Message, Priority, prepare
+from tether.clock import ManualClock
+from tether.errors import PublishError
+from tether.idempotency import DEFAULT_WINDOW_MS
+from tether.message import Message, Prepared, Priority, prepare
 
 
 @pytest.fixture(scope="module")
@@ -59,27 +64,35 @@ class Cluster(ABC):
 
     size = 1
     history_size = 0
+    window_ms = DEFAULT_WINDOW_MS
 
     def __init__(self) -> None:
         self.nodes: list[Node] = []
+        self.clock = ManualClock()
 
-    async def start(self, history_size: int = 100) -> list[Node]:
+    async def start(self, history_size: int = 100,
+                    window_ms: int = DEFAULT_WINDOW_MS) -> list[Node]:
         self.history_size = history_size
+        self.window_ms = window_ms
         self.nodes = []
         for _ in range(self.size):
-            node = Node(self.make(history_size))
+            node = Node(self.make(history_size, window_ms))
             await node.backplane.start(node.deliver)
             self.nodes.append(node)
         return self.nodes
 
     @abstractmethod
-    def make(self, history_size: int) -> Backplane: ...
+    def make(self, history_size: int, window_ms: int) -> Backplane: ...
+
+    async def elapse(self, seconds: float) -> None:
+        """Let `seconds` pass for the idempotency window."""
+        self.clock.advance(seconds)
 
     async def restart(self) -> list[Node]:
         """The store loses everything (a restart without persistence); new nodes."""
         await self.close()
         await self.wipe()
-        return await self.start(self.history_size)
+        return await self.start(self.history_size, self.window_ms)
 
     async def wipe(self) -> None:
         return None
@@ -94,8 +107,8 @@ class Cluster(ABC):
 
 
 class MemoryCluster(Cluster):
-    def make(self, history_size: int) -> Backplane:
-        return MemoryBackplane(history_size)
+    def make(self, history_size: int, window_ms: int) -> Backplane:
+        return MemoryBackplane(history_size, idempotency_window_ms=window_ms, clock=self.clock)
 
 
 class RedisCluster(Cluster):
@@ -106,8 +119,13 @@ class RedisCluster(Cluster):
         self.url = url
         self.prefix = f"test:{uuid.uuid4().hex[:8]}:"
 
-    def make(self, history_size: int) -> Backplane:
-        return RedisBackplane(self.url, history_size, prefix=self.prefix)
+    def make(self, history_size: int, window_ms: int) -> Backplane:
+        return RedisBackplane(self.url, history_size, prefix=self.prefix,
+                              idempotency_window_ms=window_ms, clock=self.clock)
+
+    async def elapse(self, seconds: float) -> None:
+        await super().elapse(seconds)
+        await asyncio.sleep(seconds)  # Redis expires keys by its own clock
 
     async def wipe(self) -> None:
         client = aioredis.Redis.from_url(self.url)
@@ -281,3 +299,119 @@ async def test_replay_then_live_leaves_no_gap(cluster: Cluster) -> None:
     live = [m.seq for m in node.delivered if m.topic == "r" and m.seq > replay.last]
     assert [m.seq for m in replay.items] + live == list(range(3, 9))
     assert more[-1].seq == 8
+
+
+# ---------------------------------------------------------------------------- idempotency keys
+
+
+def new_key() -> str:
+    return uuid.uuid4().hex
+
+
+def note(topic: str, **payload: object) -> Prepared:
+    return prepare({"type": "note", "topic": topic, "payload": payload})
+
+
+async def test_a_repeated_key_is_delivered_once_and_answered_with_the_original_seq(
+    cluster: Cluster,
+) -> None:
+    nodes = await cluster.start()
+    await watch(cluster, {"t"})
+    await publish(nodes[0], "t")  # seq 1, without a key
+    key, event = new_key(), note("t", x=1)
+    first = await nodes[0].backplane.publish(event, key)
+    assert (first.topic, first.seq, first.duplicate) == ("t", 2, False)
+    for node in nodes:
+        await node.wait_for("t", 2)
+    repeats = [await node.backplane.publish(event, key) for node in nodes for _ in range(2)]
+    assert [(r.topic, r.seq, r.duplicate, r.data) for r in repeats] == [
+        ("t", 2, True, first.data)] * len(repeats)
+    # The next publish gets seq 3 (a repeat took no number), and it is the next delivery
+    # on every node: the repeats delivered nothing.
+    assert (await publish(nodes[-1], "t"))[0].seq == 3
+    for node in nodes:
+        await node.wait_for("t", 3)
+        assert node.seqs("t") == [1, 2, 3]
+    assert [m.seq for m in (await nodes[0].backplane.since("t", 0)).items] == [1, 2, 3]
+
+
+async def test_a_repeat_is_found_by_a_node_that_never_saw_the_key(cluster: Cluster) -> None:
+    """No node reads the topic: only the shared store can know the key on the other node."""
+    nodes = await cluster.start()
+    key, event = new_key(), note("quiet")
+    first = await nodes[0].backplane.publish(event, key)
+    again = await nodes[-1].backplane.publish(event, key)
+    assert (again.seq, again.duplicate, first.duplicate) == (first.seq, True, False)
+    assert (await nodes[-1].backplane.since("quiet", 0)).last == 1
+
+
+async def test_concurrent_repeats_on_every_node_publish_once(cluster: Cluster) -> None:
+    nodes = await cluster.start()
+    await watch(cluster, {"c"})
+    key, event = new_key(), note("c")
+    results = await asyncio.gather(
+        *(nodes[i % len(nodes)].backplane.publish(event, key) for i in range(30)))
+    assert sorted(r.duplicate for r in results) == [False] + [True] * 29
+    assert {r.seq for r in results} == {1}
+    assert (await publish(nodes[0], "c"))[0].seq == 2
+    for node in nodes:
+        await node.wait_for("c", 2)
+        assert node.seqs("c") == [1, 2]
+
+
+async def test_different_keys_are_different_publishes(cluster: Cluster) -> None:
+    nodes = await cluster.start()
+    await watch(cluster, {"d"})
+    event = note("d")  # the same event twice, under two keys: two messages
+    one = await nodes[0].backplane.publish(event, new_key())
+    two = await nodes[-1].backplane.publish(event, new_key())
+    assert (one.seq, one.duplicate, two.seq, two.duplicate) == (1, False, 2, False)
+    for node in nodes:
+        assert [m.seq for m in await node.wait_for("d", 2)] == [1, 2]
+
+
+async def test_a_key_reused_for_another_event_is_refused(cluster: Cluster) -> None:
+    nodes = await cluster.start()
+    key = new_key()
+    await nodes[0].backplane.publish(note("m", x=1), key)
+    for other in (note("m", x=2), note("n", x=1),
+                  prepare({"type": "note", "topic": "m", "payload": {"x": 1}, "priority": "high"})):
+        for node in nodes:
+            with pytest.raises(PublishError) as err:
+                await node.backplane.publish(other, key)
+            assert err.value.status == 422
+    assert (await nodes[-1].backplane.since("m", 0)).last == 1
+    assert (await nodes[-1].backplane.since("n", 0)).last == 0
+
+
+async def test_a_key_is_forgotten_after_the_window(cluster: Cluster) -> None:
+    nodes = await cluster.start(window_ms=400)
+    await watch(cluster, {"w"})
+    key, event = new_key(), note("w")
+    assert not (await nodes[0].backplane.publish(event, key)).duplicate
+    await cluster.elapse(0.1)
+    assert (await nodes[-1].backplane.publish(event, key)).duplicate
+    await cluster.elapse(0.4)  # the window is over: the same key publishes anew
+    later = await nodes[-1].backplane.publish(event, key)
+    assert (later.seq, later.duplicate) == (2, False)
+    assert (await nodes[0].backplane.publish(event, key)).seq == 2  # and is a key again
+    for node in nodes:
+        assert [m.seq for m in await node.wait_for("w", 2)] == [1, 2]
+
+
+async def test_memory_keeps_at_most_max_keys_the_oldest_forgotten_first() -> None:
+    clock = ManualClock()
+    backplane = MemoryBackplane(10, max_keys=3, clock=clock)
+    got: list[Message] = []
+    await backplane.start(got.append)
+    keys = [new_key() for _ in range(4)]
+    for i, key in enumerate(keys):
+        await backplane.publish(note("b", i=i), key)
+        clock.advance(1)
+    assert backplane.state()["keys"] == 3
+    assert (await backplane.publish(note("b", i=3), keys[3])).duplicate  # the newest: kept
+    assert (await backplane.publish(note("b", i=1), keys[1])).duplicate
+    again = await backplane.publish(note("b", i=0), keys[0])  # the oldest: forgotten
+    assert (again.seq, again.duplicate) == (5, False)
+    assert [m.seq for m in got] == [1, 2, 3, 4, 5]
+    assert backplane.state()["keys"] == 3

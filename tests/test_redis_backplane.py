@@ -12,9 +12,10 @@ import redis.asyncio as aioredis
 
 from tests.redis_server import RedisServer, running_redis, serve_without_redis
 from tests.support import free_port
-from tether.backplane.redis import PUBLISH_LUA, RedisBackplane, redact
+from tether.backplane.redis import PUBLISH_LUA, RedisBackplane
 from tether.errors import BackplaneError
 from tether.message import Message, prepare
+from tether.redact import redact_url as redact
 
 pytestmark = pytest.mark.redis
 
@@ -175,3 +176,52 @@ def test_serve_exits_2_when_redis_is_unreachable() -> None:
     assert done.returncode == 2, done.stdout[-2000:]
     assert b"Cannot start the backplane" in done.stdout
     assert b"cannot reach Redis at redis://127.0.0.1:" in done.stdout
+
+
+async def test_after_redis_lost_its_data_nodes_answer_repeats_they_published_or_delivered(
+    private_redis: RedisServer,
+) -> None:
+    """The guarantee of the module docstring when Redis restarts empty, node by node."""
+    got: list[Message] = []
+    reader = RedisBackplane(private_redis.url, 100)  # watches t: delivers the original
+    publisher = RedisBackplane(private_redis.url, 100)  # published it, reads nothing
+    stranger = RedisBackplane(private_redis.url, 100)  # neither
+    await reader.start(got.append)
+    await publisher.start(lambda m: None)
+    await stranger.start(lambda m: None)
+    try:
+        reader.watch({"t"})
+        await until(lambda: reader.state()["pending"] == 0)
+        await publisher.publish(prepare(event("t", 0)))
+        original = await publisher.publish(prepare(event("t", 1)), "k-1")
+        assert (original.seq, original.duplicate) == (2, False)
+        await until(lambda: [m.seq for m in got] == [1, 2])
+
+        await asyncio.to_thread(private_redis.kill)  # kill -9: the keys are gone with it
+        await until(lambda: reader.state()["status"] == "down")
+        # While Redis is down, a repeat is still answered from the node's memory ...
+        repeat = await reader.publish(prepare(event("t", 1)), "k-1")
+        assert (repeat.seq, repeat.duplicate) == (2, True)
+        # ... and a new publish is refused without being attempted.
+        with pytest.raises(BackplaneError) as err:
+            await reader.publish(prepare(event("t", 2)), "k-2")
+        assert not err.value.outcome_unknown
+
+        await asyncio.to_thread(private_redis.start)  # empty: numbering restarts
+        for node in (reader, publisher, stranger):
+            await until(lambda n=node: n.state()["status"] == "up", timeout=8)
+        for node in (reader, publisher):
+            again = await node.publish(prepare(event("t", 1)), "k-1")
+            assert (again.topic, again.seq, again.duplicate) == ("t", 2, True)
+        # The documented limit: a node that neither published nor read it publishes anew.
+        fresh = await stranger.publish(prepare(event("t", 1)), "k-1")
+        assert (fresh.seq, fresh.duplicate) == (1, False)
+        # From now on Redis has the key again, for every node.
+        raw = aioredis.Redis.from_url(private_redis.url)
+        try:
+            assert (await raw.get("tether:idem:k-1") or b"").startswith(b"1 ")
+        finally:
+            await raw.aclose()
+    finally:
+        for node in (reader, publisher, stranger):
+            await node.stop()

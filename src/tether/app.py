@@ -13,28 +13,31 @@ from typing import Any
 from aiohttp import web
 
 from tether import codes
-from tether.backplane.base import Backplane
+from tether.backplane.base import Backplane, Published
 from tether.backplane.memory import MemoryBackplane
 from tether.clock import Clock
 from tether.config import Settings
 from tether.errors import BackplaneError
 from tether.hub import Hub, MessageHandler
+from tether.idempotency import check_key
 from tether.lifecycle import Handler, Lifecycle
 from tether.logs import get_logger
-from tether.message import Message
+from tether.redact import redact_text, url_secrets
 from tether.registry import Connection
 from tether.server import build_app
 
 log = get_logger("main")
 
 
-def make_backplane(settings: Settings) -> Backplane:
+def make_backplane(settings: Settings, clock: Clock | None = None) -> Backplane:
     """The in-memory backplane, or Redis when REDIS_URL is set."""
+    window = settings.idempotency_window_ms
     if settings.redis_url:
         from tether.backplane.redis import RedisBackplane  # only Redis users import redis
 
-        return RedisBackplane(settings.redis_url, settings.history_size)
-    return MemoryBackplane(settings.history_size)
+        return RedisBackplane(settings.redis_url, settings.history_size,
+                              idempotency_window_ms=window, clock=clock)
+    return MemoryBackplane(settings.history_size, idempotency_window_ms=window, clock=clock)
 
 
 class Tether:
@@ -52,7 +55,7 @@ class Tether:
         # greet=False: no `connected` message on open, for an application that
         # speaks its own protocol over tether's WebSocket (on_message / send).
         self.settings = settings or Settings()
-        self.backplane = backplane or make_backplane(self.settings)
+        self.backplane = backplane or make_backplane(self.settings, clock)
         self.hub = Hub(self.settings, self.backplane, clock, greet=greet)
         self.lifecycle = Lifecycle()
         self.app: web.Application = build_app(self.hub, self.settings)
@@ -77,9 +80,17 @@ class Tether:
         """Send one text (str) or binary (bytes) message to one client."""
         return self.hub.send(conn, data)
 
-    async def publish(self, event: dict[str, Any]) -> Message:
-        """Publish like `POST /event`; raises PublishError when the event is refused."""
-        return await self.hub.publish(event)
+    async def publish(self, event: dict[str, Any], *, key: str | None = None) -> Published:
+        """Publish like `POST /event`; raises PublishError when the event is refused.
+
+        `key` is an idempotency key (as the `Idempotency-Key` header): a repeat
+        within IDEMPOTENCY_WINDOW returns the original topic and seq with
+        `duplicate=True` and delivers nothing. BackplaneError means Redis is
+        away: retry with the same key.
+        """
+        if key is not None:
+            check_key(key)
+        return await self.hub.publish(event, key)
 
     @property
     def url(self) -> str:
@@ -147,6 +158,10 @@ class Tether:
             self._runner = None
 
 
+def _secrets(settings: Settings) -> tuple[str, ...]:
+    return url_secrets(settings.redis_url) if settings.redis_url else ()
+
+
 def _bound_port(runner: web.AppRunner, asked: int) -> int:
     for addr in runner.addresses:
         if isinstance(addr, tuple) and len(addr) >= 2:
@@ -163,7 +178,9 @@ async def serve(settings: Settings) -> int:
     try:
         await tether.start()
     except BackplaneError as exc:
-        log.error("Cannot start the backplane", backplane=tether.backplane.name, error=str(exc))
+        # The backplane's errors are redacted already; a URL in any text is masked again.
+        log.error("Cannot start the backplane", backplane=tether.backplane.name,
+                  error=redact_text(str(exc), _secrets(settings)))
         return 2
     except OSError as exc:
         log.error("Cannot listen", host=settings.host, port=settings.port, error=str(exc))

@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic")
     p.add_argument("--priority", choices=["high", "normal", "low"])
     p.add_argument("--token", default=os.environ.get("PUBLISH_TOKEN"))
+    p.add_argument("--key", help="Idempotency-Key (default: a new UUID); repeats with the "
+                   "same key are not delivered again")
+    p.add_argument("--attempts", type=int, default=5,
+                   help="tries while the outcome is unknown (503, no connection), "
+                        "same key each time (default 5)")
 
     p = sub.add_parser("watch", help="print messages, RTT and reconnects (a tunnel probe)")
     p.add_argument("url", help="ws://host:port/ws or http://host:port")
@@ -74,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "publish":
         from tether.tools import publish
 
-        return publish(args.url, args.event, args.topic, args.priority, args.token)
+        return publish(args.url, args.event, args.topic, args.priority, args.token,
+                       args.key, args.attempts)
     if args.command == "watch":
         from tether.watch import main as watch
 

@@ -33,7 +33,7 @@ from yarl import URL
 from tether.clock import Clock, SystemClock
 from tether.errors import PublishError
 from tether.logs import get_logger
-from tether.tools import publish_event
+from tether.tools import ATTEMPTS, Retry, publish_retrying
 
 log = get_logger("client")
 
@@ -473,15 +473,25 @@ class Client:
             await self._close_ws(ws)
 
     async def publish(
-        self, event: JSON, *, topic: str | None = None, priority: str | None = None
+        self, event: JSON, *, topic: str | None = None, priority: str | None = None,
+        key: str | None = None, attempts: int = ATTEMPTS,
     ) -> JSON:
-        """`POST /event` to this server; the reply (`seq`...), or PublishError."""
+        """`POST /event` to this server; the reply (`seq`...), or PublishError.
+
+        The publish carries an idempotency key (`key`, or a new UUID) and is
+        retried with it, up to `attempts` times with jittered backoff, while
+        its outcome is unknown (503, a failed connection): it is delivered
+        once. A reply with `"duplicate": true` is the answer to an earlier
+        attempt. To retry later yourself without a duplicate, pass your own key.
+        """
         body = dict(event)
         if topic is not None:
             body["topic"] = topic
         if priority is not None:
             body["priority"] = priority
-        status, reply = await publish_event(http_url(self.url), body, self.token)
+        status, reply, _ = await publish_retrying(
+            http_url(self.url), body, self.token, key=key, attempts=attempts,
+            on_retry=_log_retry)
         if status != 202:
             raise PublishError(status, str(reply.get("error", reply)))
         return reply
@@ -665,6 +675,12 @@ class Client:
 
     async def _emit_state(self, change: StateChange) -> None:
         await _call(self.on_state, change)
+
+
+def _log_retry(retry: Retry) -> None:
+    log.warn("Publish failed, retrying with the same key", attempt=retry.attempt,
+             attempts=retry.attempts, retryInMs=round(retry.delay * 1000), reason=retry.reason,
+             key=retry.key)
 
 
 async def _call(callback: Callable[[Any], Awaitable[None] | None] | None, arg: Any) -> None:

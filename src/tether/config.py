@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tether.errors import ConfigError
+from tether.idempotency import DEFAULT_WINDOW_MS
+from tether.redact import redact_url
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
@@ -37,6 +39,7 @@ class Settings:
     max_message: int = 65_536
     history_size: int = 1_000
     redis_url: str | None = None
+    idempotency_window_ms: int = DEFAULT_WINDOW_MS
     publish_token: str | None = None
     allowed_origins: tuple[str, ...] = ()
     workers: int = 1
@@ -112,7 +115,9 @@ def _redis_url(raw: str) -> str | None:
     if not value:
         return None
     if not value.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"must start with redis://, rediss:// or unix://, got {raw!r}")
+        # The value may hold a password: show it only as redacted.
+        shown = redact_url(value)
+        raise ValueError(f"must start with redis://, rediss:// or unix://, got {shown!r}")
     return value
 
 
@@ -196,6 +201,13 @@ OPTIONS: tuple[Option, ...] = (
         "messages kept per topic for resume",
     ),
     Option("REDIS_URL", "redis_url", _redis_url, "--redis-url", "use the Redis backplane"),
+    Option(
+        "IDEMPOTENCY_WINDOW",
+        "idempotency_window_ms",
+        _int_in(1_000, 604_800_000),
+        "--idempotency-window",
+        "ms a publish's Idempotency-Key is remembered (repeats are not delivered again)",
+    ),
     Option(
         "PUBLISH_TOKEN",
         "publish_token",

@@ -26,4 +26,12 @@ class PublishError(TetherError):
 
 
 class BackplaneError(TetherError):
-    """The backplane cannot be reached or refused an operation."""
+    """The backplane cannot be reached or refused an operation.
+
+    `outcome_unknown`: a publish failed mid-call, so it may have happened; a
+    retry with the same idempotency key is safe either way.
+    """
+
+    def __init__(self, message: str, *, outcome_unknown: bool = False) -> None:
+        super().__init__(message)
+        self.outcome_unknown = outcome_unknown

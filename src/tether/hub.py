@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from tether import codes, frames
-from tether.backplane.base import Backplane
+from tether.backplane.base import Backplane, Published
 from tether.clock import Clock, SystemClock, Timer, iso, mono_to_iso
 from tether.config import Settings
 from tether.errors import PublishError
@@ -74,6 +74,7 @@ class Stats:
     resyncs: int = 0
     replayed: int = 0
     client_errors: int = 0
+    duplicates: int = 0  # publishes answered as a repeat of their idempotency key
     loop_lag: float = 0.0  # seconds, last measurement
     loop_lag_max: float = 0.0
     loop_stalls: int = 0
@@ -498,14 +499,21 @@ class Hub:
 
     # ------------------------------------------------------------------ publish / fan-out
 
-    async def publish(self, event: Any) -> Message:
-        """Validate, serialize once, and publish through the backplane (SPEC §6)."""
+    async def publish(self, event: Any, key: str | None = None) -> Published:
+        """Validate, serialize once, and publish through the backplane (SPEC §6).
+
+        With an idempotency `key`, a repeat is answered as a duplicate (see
+        `Backplane.publish`).
+        """
         prepared = prepare(event)
         if len(prepared.body) > self.settings.max_message:
             limit = self.settings.max_message
             raise PublishError(413, f"event is larger than WS_MAX_MESSAGE ({limit} bytes)")
-        message = await self.backplane.publish(prepared)
-        self.stats.published[message.priority] += 1
+        message = await self.backplane.publish(prepared, key)
+        if message.duplicate:
+            self.stats.duplicates += 1
+        else:
+            self.stats.published[message.priority] += 1
         return message
 
     def deliver(self, message: Message) -> None:
@@ -864,6 +872,7 @@ class Hub:
             },
             "messages": {
                 "published": sum(s.published),
+                "duplicates": s.duplicates,
                 "delivered": sum(s.delivered),
                 "replayed": s.replayed,
                 "skipped": {p.name.lower(): s.skipped[p] for p in Priority},

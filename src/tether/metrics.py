@@ -76,6 +76,8 @@ class HubCollector:
         yield counter("abuse_closed", "Clients closed for flooding (1008)", s.abuse_closed)
         yield counter("client_errors", "Bad client messages answered with an error",
                       s.client_errors)
+        yield counter("publish_duplicates",
+                      "Publishes answered as a repeat of their idempotency key", s.duplicates)
         yield counter("resumes", "Resume requests", s.resumes)
         yield counter("resyncs", "Resync notices sent", s.resyncs)
         yield counter("replayed", "Messages replayed from history", s.replayed)

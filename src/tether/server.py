@@ -28,6 +28,7 @@ from tether.config import Settings
 from tether.errors import BackplaneError, PublishError
 from tether.heartbeat import decode_ping_id
 from tether.hub import Hub, parse_topics
+from tether.idempotency import check_key
 from tether.logs import get_logger
 from tether.registry import Connection
 
@@ -201,6 +202,26 @@ def _error(status: int, message: str) -> web.Response:
     return _json({"error": message, "status": status}, status)
 
 
+# The answer when the backplane failed: never its address or error text (they
+# may name hosts, ports or worse), and what a publisher should do.
+UNAVAILABLE = {
+    "error": "backplane unavailable: the event may or may not have been published; "
+             "retry with the same Idempotency-Key",
+    "status": 503,
+    "retry": True,
+}
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The request's `Idempotency-Key`, if any; PublishError (400) when it is not valid."""
+    values = request.headers.getall("Idempotency-Key", [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise PublishError(400, "more than one Idempotency-Key header")
+    return check_key(values[0])
+
+
 def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
     """Cross-site WebSocket hijacking guard: same origin, localhost, or the allowlist.
 
@@ -326,6 +347,10 @@ class Routes:
             if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
                                        expected.encode()):
                 return _error(401, "missing or wrong bearer token")
+        try:
+            key = idempotency_key(request)
+        except PublishError as exc:
+            return _error(exc.status, exc.message)
         limit = self.settings.max_message
         if request.content_length is not None and request.content_length > limit:
             return _error(413, f"body larger than WS_MAX_MESSAGE ({limit} bytes)")
@@ -337,13 +362,20 @@ class Routes:
         except orjson.JSONDecodeError:
             return _error(400, "body is not valid JSON")
         try:
-            message = await self.hub.publish(event)
+            message = await self.hub.publish(event, key)
         except PublishError as exc:
             return _error(exc.status, exc.message)
-        except BackplaneError as exc:  # Redis away: nothing was published (SPEC §8)
-            log.debug("Publish refused, backplane unavailable", error=str(exc))
-            return _error(503, f"backplane unavailable: {exc}")
-        return _json({"accepted": True, "topic": message.topic, "seq": message.seq}, 202)
+        except BackplaneError as exc:  # Redis away or failed mid-call (SPEC §8)
+            # The backplane's error texts are redacted; the body names none of it.
+            log.warn("Publish failed, backplane unavailable", error=str(exc),
+                     outcome="unknown" if exc.outcome_unknown else "not published",
+                     key=key is not None)
+            return web.Response(body=orjson.dumps(UNAVAILABLE), status=503,
+                                content_type="application/json", headers={"Retry-After": "1"})
+        reply: dict[str, Any] = {"accepted": True, "topic": message.topic, "seq": message.seq}
+        if message.duplicate:
+            reply["duplicate"] = True
+        return _json(reply, 202)
 
     async def health(self, request: web.Request) -> web.Response:
         return _json(self.hub.health())

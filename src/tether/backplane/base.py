@@ -4,18 +4,44 @@ A backplane assigns each published message its topic's next sequence number
 (once, so every node numbers it the same), keeps the last HISTORY_SIZE messages
 of each topic, and hands every message to `deliver` on every node that watches
 its topic, in seq order per topic. `since` answers a resume.
+
+Idempotent publishing: `publish(prepared, key)` with a key publishes once per
+key within the idempotency window. A repeat of the key returns the original
+topic and seq with `duplicate` set, delivers nothing and stores nothing; a repeat
+with a different event raises PublishError (422). The memory backplane keeps
+the keys in a dict bounded in count (oldest forgotten first); the Redis
+backplane keeps them in Redis, checked and set by the same atomic script that
+numbers the message, and each node also remembers, bounded the same way, the
+keys it published or delivered, for when Redis loses its data (see redis.py for
+the exact guarantee).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from tether.history import Replay
 from tether.message import Message, Prepared
 
 Deliver = Callable[[Message], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Published(Message):
+    """What a publish returns: the message as numbered, and whether it was a repeat.
+
+    For a duplicate (a repeated idempotency key) topic and seq are the original
+    ones and nothing was delivered this time.
+    """
+
+    duplicate: bool = False
+
+    @classmethod
+    def of(cls, message: Message, duplicate: bool = False) -> Published:
+        return cls(message.topic, message.seq, message.priority, message.data, duplicate)
 
 
 class Backplane(ABC):
@@ -32,8 +58,15 @@ class Backplane(ABC):
         """Stop delivering and release connections."""
 
     @abstractmethod
-    async def publish(self, prepared: Prepared) -> Message:
-        """Assign the seq, store for resume and fan out to every node. Returns the message."""
+    async def publish(self, prepared: Prepared, key: str | None = None) -> Published:
+        """Assign the seq, store for resume and fan out to every node; the message.
+
+        With `key`, a repeat within the window is answered with the original
+        topic and seq (`duplicate=True`) and delivers nothing; a repeat with a
+        different event raises PublishError (422). Raises BackplaneError when
+        the backplane cannot be reached (`outcome_unknown` when the publish may
+        have happened: retry with the same key).
+        """
 
     @abstractmethod
     async def since(self, topic: str, seq: int) -> Replay[Message]:

@@ -7,11 +7,39 @@ Layout (every key under `prefix`, "tether:" by default):
     epoch         a random token set once per Redis dataset: when it changes, Redis
                   lost its data and every topic's numbering restarted
     wake:<node>   a tiny stream that interrupts this node's blocking read (watch changes)
+    idem:<key>    "<seq> <fingerprint> <topic>" of a publish made with an idempotency
+                  key, expiring after the window (PX); the entry also carries k and f
 
 Publishing runs one Lua script: INCR the counter and XADD the entry with the new
 seq as its id, atomically, so stream order is seq order on every node. The body
 is stored without topic/seq; each node stamps it (`message.stamp`, no
 re-serialization), so every node delivers identical bytes.
+
+Idempotent publishing, and what it guarantees. With a key, the same script first
+looks for idem:<key>: if present it returns the original seq and publishes
+nothing; else it publishes and sets idem:<key>, in the same atomic step. The
+script is sent once, never retried by the client library: a call that fails
+mid-way (the connection reset after Redis ran it, or Redis killed) has an
+unknown outcome (BackplaneError.outcome_unknown, a 503 that says to retry with
+the same key), and the retry finds the key.
+
+- While Redis keeps its data for the window (it stays up, or persists every
+  write: `appendfsync always`), a key is published at most once per window
+  across every node and retry: exactly once, if the publisher retries until it
+  gets an answer.
+- Redis may lose recent writes (restarted without persistence, `kill -9` with
+  `appendfsync everysec`). Each node therefore also remembers, for the window
+  and for at most MAX_KEYS keys (oldest forgotten first), the keys it published
+  and the keys its reader delivered (from the entry's `k` field), and answers a
+  repeat from that memory first, even while Redis is down. A retry that reaches a
+  node which published or delivered the original is answered as a duplicate and
+  delivered nothing again. A retry that reaches a node which did neither (it had
+  no subscribers for the topic, or it restarted) is published again: the clients
+  that had the original get it a second time, after the `resync` that a
+  renumbering sends anyway.
+- Keys older than the window, or pushed out of a node's memory by MAX_KEYS newer
+  ones, are forgotten there. Redis keeps its keys for the window with no count
+  bound: its memory grows with the rate of keyed publishes times the window.
 
 Every node reads (XREAD BLOCK) the streams of the topics it has subscribers for
 and calls `deliver` in seq order per topic, its own publishes included (publish
@@ -33,26 +61,46 @@ import random
 import time
 import uuid
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
-from tether.backplane.base import Backplane, Deliver
+from tether.backplane.base import Backplane, Deliver, Published
+from tether.clock import Clock, SystemClock
 from tether.errors import BackplaneError
 from tether.history import Replay
+from tether.idempotency import (
+    DEFAULT_WINDOW_MS,
+    MAX_KEYS,
+    KeyMemory,
+    Seen,
+    check_repeat,
+    fingerprint,
+)
 from tether.logs import get_logger
 from tether.message import BROADCAST_TOPIC, Message, Prepared, Priority, resync_notice, stamp
+from tether.redact import redact_error, redact_text, redact_url, url_secrets
 
 log = get_logger("backplane")
 
 # INCR + XADD in one atomic step. If the counter is gone but the stream is not
 # (the key was deleted or evicted), continue after the stream's last id instead
 # of failing on an id that is not increasing.
+# KEYS: seq:<topic>, log:<topic>[, idem:<key>]
+# ARGV: stream cap, priority, body[, key, fingerprint, window ms, topic]
+# Returns {seq}, or {0, "<seq> <fingerprint> <topic>"} for a key already used.
 PUBLISH_LUA = """
+local idem = KEYS[3]
+if idem then
+  local seen = redis.call('GET', idem)
+  if seen then
+    return {0, seen}
+  end
+end
 local seq = redis.call('INCR', KEYS[1])
 if seq == 1 and redis.call('EXISTS', KEYS[2]) == 1 then
   local info = redis.call('XINFO', 'STREAM', KEYS[2])
@@ -67,8 +115,15 @@ if seq == 1 and redis.call('EXISTS', KEYS[2]) == 1 then
   end
 end
 local id = string.format('%d-0', seq)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], id, 'seq', seq, 'p', ARGV[2], 'body', ARGV[3])
-return seq
+if idem then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], id, 'seq', seq, 'p', ARGV[2],
+             'body', ARGV[3], 'k', ARGV[4], 'f', ARGV[5])
+  redis.call('SET', idem, string.format('%d %s %s', seq, ARGV[5], ARGV[7]), 'PX', ARGV[6])
+else
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], id, 'seq', seq, 'p', ARGV[2],
+             'body', ARGV[3])
+end
+return {seq}
 """
 
 # A stream keeps at least this many entries even when HISTORY_SIZE is smaller, so
@@ -80,21 +135,6 @@ READ_COUNT = 1000  # entries per stream per read
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 2.0
 NOT_WATCHED = 1 << 62
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and /health."""
-    parts = urlsplit(url)
-    try:
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-    except ValueError:  # not even a URL: show only its scheme
-        return f"{parts.scheme}://***"
-    user = f"{parts.username}:***@" if parts.username else "***@"
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
 
 
 def _text(value: Any) -> str:
@@ -114,8 +154,20 @@ class RedisBackplane(Backplane):
         prefix: str = "tether:",
         startup_retry: float = 0.0,
         connect_timeout: float = 2.0,
+        idempotency_window_ms: int = DEFAULT_WINDOW_MS,
+        max_keys: int = MAX_KEYS,
+        clock: Clock | None = None,
     ) -> None:
         self.url = url
+        # What logs, errors and /health may show of the URL, and the secrets no
+        # error text may contain (redis-py's messages name host and port only,
+        # but an error text is not ours to trust).
+        self.shown_url = redact_url(url)
+        self._secrets = url_secrets(url)
+        self.window_ms = idempotency_window_ms
+        # Keys this node published or delivered: answers a repeat when Redis lost them.
+        self.keys = KeyMemory(idempotency_window_ms / 1000, max_keys)
+        self.clock: Clock = clock or SystemClock()
         self.history_size = history_size
         self.prefix = prefix
         self.startup_retry = startup_retry  # seconds to keep trying at start-up
@@ -126,7 +178,8 @@ class RedisBackplane(Backplane):
         self._wake_key = f"{prefix}wake:{self.node}"
         self._wake_id = "0-0"
         self._deliver: Deliver | None = None
-        self._cmd: aioredis.Redis | None = None  # publish, since, wake
+        self._cmd: aioredis.Redis | None = None  # since, wake
+        self._pub: aioredis.Redis | None = None  # publish: never retried by redis-py
         self._reader: aioredis.Redis | None = None  # the blocking reads
         self._task: asyncio.Task[None] | None = None
         self._wakes: set[asyncio.Task[None]] = set()
@@ -145,6 +198,7 @@ class RedisBackplane(Backplane):
         self.error: str | None = None
         self.down_since: float | None = None
         self.published = 0
+        self.duplicates = 0
         self.delivered = 0
         self.resyncs = 0
         self.outages = 0
@@ -157,12 +211,25 @@ class RedisBackplane(Backplane):
     def _log_key(self, topic: str) -> str:
         return f"{self.prefix}log:{topic}"
 
+    def _idem_key(self, key: str) -> str:
+        return f"{self.prefix}idem:{key}"
+
+    def _scrub(self, exc: BaseException) -> str:
+        """An error's text, fit for a log line or /health (no credentials)."""
+        return redact_error(exc, self._secrets)
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
         self.status = "connecting"
-        common: dict[str, Any] = {"socket_connect_timeout": self.connect_timeout}
+        common: dict[str, Any] = {
+            "socket_connect_timeout": self.connect_timeout,
+            # With maintenance notifications on ("auto", the default), redis-py 8
+            # skips its check of a pooled connection before reuse: a connection
+            # that Redis closed (it restarted) would fail the next command.
+            "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+        }
         try:
             # One quick retry on a broken pooled connection (Redis restarted); the
             # reader does its own retrying, with backoff.
@@ -174,10 +241,17 @@ class RedisBackplane(Backplane):
                 self.url, socket_timeout=BLOCK_MS / 1000 + 5.0, retry=Retry(NoBackoff(), 0),
                 **common,
             )
+            # A publish is never resent by the library: a resend after a lost reply
+            # would publish twice. Its caller retries, with its idempotency key.
+            self._pub = aioredis.Redis.from_url(
+                self.url, socket_timeout=5.0, retry=Retry(NoBackoff(), 0), **common,
+            )
         except ValueError as exc:  # a URL redis-py cannot parse
             self.status = "stopped"
-            raise BackplaneError(f"REDIS_URL {redact(self.url)} is not valid: {exc}") from None
-        self._script = self._cmd.register_script(PUBLISH_LUA)
+            raise BackplaneError(
+                f"REDIS_URL {self.shown_url} is not valid: {self._scrub(exc)}"
+            ) from None
+        self._script = self._pub.register_script(PUBLISH_LUA)
         deadline = time.monotonic() + self.startup_retry
         delay = BACKOFF_MIN
         while True:
@@ -190,13 +264,13 @@ class RedisBackplane(Backplane):
                     await self._close()
                     self.status = "stopped"
                     raise BackplaneError(
-                        f"cannot reach Redis at {redact(self.url)}: {exc}"
+                        f"cannot reach Redis at {self.shown_url}: {self._scrub(exc)}"
                     ) from None
-                log.warn("Redis not reachable yet, retrying", url=redact(self.url),
-                         error=str(exc), retryInMs=round(delay * 1000))
+                log.warn("Redis not reachable yet, retrying", url=self.shown_url,
+                         error=self._scrub(exc), retryInMs=round(delay * 1000))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
-        log.info("Redis backplane connected", url=redact(self.url), node=self.node,
+        log.info("Redis backplane connected", url=self.shown_url, node=self.node,
                  historySize=self.history_size)
         self._task = asyncio.create_task(self._read_loop(), name="redis-backplane-reader")
 
@@ -219,29 +293,53 @@ class RedisBackplane(Backplane):
         self.status = "stopped"
 
     async def _close(self) -> None:
-        for client in (self._reader, self._cmd):
+        for client in (self._reader, self._cmd, self._pub):
             if client is not None:
                 with contextlib.suppress(RedisError, OSError):
                     await client.aclose()
-        self._reader = self._cmd = None
+        self._reader = self._cmd = self._pub = None
 
     # ------------------------------------------------------------------ publish / since
 
-    async def publish(self, prepared: Prepared) -> Message:
-        if self._cmd is None:
+    async def publish(self, prepared: Prepared, key: str | None = None) -> Published:
+        if self._pub is None:
             raise BackplaneError("the Redis backplane is not started")
-        if self.status == "down":  # fail fast; the reader is reconnecting
-            raise BackplaneError(f"Redis unavailable: {self.error}")
         topic = prepared.topic
+        keys = [self._seq_key(topic), self._log_key(topic)]
+        args: list[str | int | bytes] = [self.cap, int(prepared.priority), prepared.body]
+        mark = ""
+        if key is not None:
+            # This node's memory first: it answers even while Redis is down, and
+            # after Redis lost the key (see the module docstring).
+            mark = fingerprint(prepared)
+            seen = self.keys.get(key, self.clock.now())
+            if seen is not None:
+                return self._repeat(seen, prepared, mark)
+            keys.append(self._idem_key(key))
+            args += [key, mark, self.window_ms, topic]
+        if self.status == "down":  # fail fast, nothing attempted; the reader is reconnecting
+            raise BackplaneError(f"Redis unavailable: {self.error}")
         try:
-            seq = await self._script(
-                keys=[self._seq_key(topic), self._log_key(topic)],
-                args=[self.cap, int(prepared.priority), prepared.body],
-            )
+            reply = await self._script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
-            raise BackplaneError(f"Redis unavailable: {exc}") from None
+            # Sent, or maybe not: Redis may have run it before the failure.
+            raise BackplaneError(f"Redis failed during a publish: {self._scrub(exc)}",
+                                 outcome_unknown=True) from None
+        seq = int(reply[0])
+        if key is not None:
+            if seq == 0:  # the key was used before, through any node
+                first, fp, first_topic = _text(reply[1]).split(" ", 2)
+                seen = Seen(first_topic, int(first), fp)
+                self.keys.put(key, seen, self.clock.now())
+                return self._repeat(seen, prepared, mark)
+            self.keys.put(key, Seen(topic, seq, mark), self.clock.now())
         self.published += 1
-        return stamp(prepared, int(seq))
+        return Published.of(stamp(prepared, seq))
+
+    def _repeat(self, seen: Seen, prepared: Prepared, mark: str) -> Published:
+        check_repeat(seen, mark)
+        self.duplicates += 1
+        return Published.of(stamp(prepared, seen.seq), duplicate=True)
 
     async def since(self, topic: str, seq: int) -> Replay[Message]:
         if self._cmd is None:
@@ -255,7 +353,8 @@ class RedisBackplane(Backplane):
             epoch, counter, entries = await pipe.execute()
         except (RedisError, OSError) as exc:
             # Without Redis there is no history: the client must refetch its state.
-            log.warn("Resume without Redis, sending resync", topic=topic, error=str(exc))
+            log.warn("Resume without Redis, sending resync", topic=topic,
+                     error=self._scrub(exc))
             return Replay(resync=True, last=seq)
         if self._epoch is not None and epoch != self._epoch:
             # Redis restarted empty and this node's reader has not renumbered yet.
@@ -338,7 +437,7 @@ class RedisBackplane(Backplane):
             pipe.execute_command("PEXPIRE", self._wake_key, 60_000)
             await pipe.execute()
         except (RedisError, OSError) as exc:  # the reader is retrying anyway
-            log.debug("Wake-up not sent", error=str(exc))
+            log.debug("Wake-up not sent", error=self._scrub(exc))
 
     # ------------------------------------------------------------------ the reader
 
@@ -359,20 +458,21 @@ class RedisBackplane(Backplane):
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, BACKOFF_MAX)
             except Exception as exc:  # a bug must not stop delivery for good
-                log.exception("Redis reader failed, restarting it", error=repr(exc))
+                log.exception("Redis reader failed, restarting it",
+                              error=redact_text(repr(exc), self._secrets))
                 self._synced = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
 
     def _lost(self, exc: BaseException, delay: float) -> None:
         self._synced = False
-        self.error = str(exc) or type(exc).__name__
+        self.error = self._scrub(exc)
         if self.status != "down":
             self.status = "down"
             self.outages += 1
             self.down_since = time.monotonic()
             # The node keeps serving its connections and heartbeats; publishes get 503.
-            log.error("Redis connection lost", url=redact(self.url), error=self.error,
+            log.error("Redis connection lost", url=self.shown_url, error=self.error,
                       retryInMs=round(delay * 1000))
         else:
             log.debug("Redis still unreachable", error=self.error,
@@ -409,7 +509,7 @@ class RedisBackplane(Backplane):
         self._synced = True
         if self.status != "up":
             if self.status == "down" and self.down_since is not None:
-                log.info("Redis connection restored", url=redact(self.url),
+                log.info("Redis connection restored", url=self.shown_url,
                          downMs=round((time.monotonic() - self.down_since) * 1000))
             self.status = "up"
             self.error = None
@@ -480,6 +580,10 @@ class RedisBackplane(Backplane):
             self._notify(topic, seq - 1)
         self._last[topic] = seq
         self.delivered += 1
+        key = fields.get(b"k")
+        if key is not None:  # remembered for a retry that comes after Redis lost it
+            seen = Seen(topic, seq, _text(fields.get(b"f", b"")))
+            self.keys.put(key.decode(errors="replace"), seen, self.clock.now())
         if self._deliver is not None:
             self._deliver(self._message(topic, fields))
 
@@ -494,11 +598,13 @@ class RedisBackplane(Backplane):
         state: dict[str, Any] = {
             "name": self.name,
             "status": self.status,
-            "url": redact(self.url),
+            "url": self.shown_url,
             "node": self.node,
             "watched": len(self._last),
             "pending": len(self._watched - self._last.keys()),
             "published": self.published,
+            "duplicates": self.duplicates,
+            "keys": len(self.keys),
             "delivered": self.delivered,
             "resyncs": self.resyncs,
             "outages": self.outages,
