@@ -160,7 +160,7 @@ class RecordingPeer:
     def write(self, data: bytes) -> None:
         self.frames.append(data)
 
-    def buffered(self) -> int:
+    def in_transport(self) -> int:
         return 0
 
     def is_closing(self) -> bool:

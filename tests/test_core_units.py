@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.support import RecordingPeer
 from tether import frames
+from tether.clock import ManualClock
 from tether.errors import PublishError
 from tether.history import History
 from tether.message import Priority, prepare, stamp
-from tether.outbox import Backpressure, Decision
+from tether.outbox import Backpressure, Decision, Outbox, Writer
 from tether.registry import Connection, Registry
 
 
 def conn(sid: str, *topics: str) -> Connection:
-    c = Connection(sid, 0.0, "127.0.0.1", RecordingPeer())
+    outbox = Outbox(RecordingPeer(), Backpressure(100, 10, 1000), Writer(ManualClock(), print))
+    c = Connection(sid, 0.0, "127.0.0.1", outbox)
     c.topics.update(topics)
     return c
 
@@ -183,3 +187,61 @@ def test_mask_check_reads_a_lone_heartbeat_pong_as_its_ping_id() -> None:
 
 def test_ping8_head_is_the_header_of_an_8_byte_ping() -> None:
     assert frames.ping(b"12345678") == frames.PING8_HEAD + b"12345678"
+
+
+# ---- the outbox: its common case equals the rule as written
+
+
+class HeldPeer(RecordingPeer):
+    """A peer whose transport holds as many bytes as the test says."""
+
+    def __init__(self, held: int, closing: bool) -> None:
+        super().__init__()
+        self.held, self.closing = held, closing
+
+    def in_transport(self) -> int:
+        return self.held
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def _plain_offer(outbox: Outbox, frame: bytes, priority: Priority) -> Decision:
+    """`Outbox.offer` with no shortcut: every case through Backpressure."""
+    if outbox.closed:
+        return Decision.GONE
+    if outbox.peer.is_closing():
+        outbox.closed = True
+        return Decision.GONE
+    in_transport = outbox.peer.in_transport()
+    outbox.paused = outbox.rule.paused(outbox.paused, in_transport)
+    decision = outbox.rule.decide(outbox.paused, in_transport + outbox.queued, len(frame),
+                                  priority)
+    if decision is Decision.SEND:
+        outbox.queue = [*(outbox.queue or []), frame]
+        outbox.queued += len(frame)
+    return decision
+
+
+@given(
+    held=st.integers(0, 1200), queued=st.integers(0, 1200), size=st.integers(1, 400),
+    paused=st.booleans(), closed=st.booleans(), closing=st.booleans(),
+    priority=st.sampled_from(list(Priority)),
+)
+@settings(max_examples=2000, deadline=None)
+def test_outbox_offer_decides_as_the_plain_rule_for_every_state(
+    held: int, queued: int, size: int, paused: bool, closed: bool, closing: bool,
+    priority: Priority,
+) -> None:
+    rule = Backpressure(high=500, low=100, max_buffer=1500)
+    boxes = []
+    for _ in range(2):
+        box = Outbox(HeldPeer(held, closing), rule, Writer(ManualClock(), print))
+        box.queue = [b"q" * queued] if queued else None
+        box.queued, box.paused, box.closed = queued, paused, closed
+        boxes.append(box)
+    fast, plain = boxes
+    frame = b"f" * size
+    assert fast.offer(frame, priority) is _plain_offer(plain, frame, priority)
+    assert (fast.paused, fast.closed, fast.queued, fast.queue) == (
+        plain.paused, plain.closed, plain.queued, plain.queue)

@@ -22,7 +22,7 @@ class Peer(RecordingPeer):
         self.closing = closing
         self.closed_with: tuple[int, str] | None = None
 
-    def buffered(self) -> int:
+    def in_transport(self) -> int:
         return self.held
 
     def is_closing(self) -> bool:

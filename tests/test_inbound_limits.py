@@ -26,7 +26,7 @@ from tests.hostile import Raw
 from tests.redis_server import RedisServer, running_redis
 from tests.support import ROOT, ServerProcess
 from tether.codes import valid_close_code
-from tether.hub import MAX_SEQ, parse_seq, parse_since
+from tether.inbound import MAX_SEQ, parse_seq, parse_since
 
 # ------------------------------------------------------------------ numbers (pure)
 

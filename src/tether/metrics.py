@@ -19,8 +19,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from tether.hub import RTT_BUCKETS, Hub
+from tether.hub import Hub
 from tether.message import Priority
+from tether.views import RTT_BUCKETS
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

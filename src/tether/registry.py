@@ -8,19 +8,20 @@ subscribers only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from tether.heartbeat import Beat
 from tether.limits import TokenBucket
 from tether.message import BROADCAST_TOPIC, Message
+from tether.outbox import Outbox
 
 
 class Peer(Protocol):
     """What the hub needs from a connection's transport (adapted in server.py)."""
 
     def write(self, data: bytes) -> None: ...
-    def buffered(self) -> int: ...
+    def in_transport(self) -> int: ...
     def is_closing(self) -> bool: ...
     def abort(self) -> None: ...
     def pause_reading(self) -> None: ...
@@ -34,17 +35,14 @@ class Connection:
 
     __slots__ = (
         "beat",
-        "bucket",
         "close_code",
         "close_reason",
-        "closing",
         "connected_at",
         "control_bucket",
         "frame_bucket",
         "last_seq",
-        "outq",
-        "outq_bytes",
-        "paused",
+        "message_bucket",
+        "outbox",
         "peer",
         "pending",
         "reading",
@@ -54,29 +52,41 @@ class Connection:
         "topics",
     )
 
-    def __init__(self, session_id: str, connected_at: float, remote: str, peer: Peer) -> None:
+    def __init__(self, session_id: str, connected_at: float, remote: str, outbox: Outbox) -> None:
         self.session_id = session_id
         self.connected_at = connected_at  # wall-clock seconds
         self.remote = remote
-        self.peer = peer
+        self.outbox = outbox  # its frames on their way out (outbox.py)
+        outbox.owner = self
+        self.peer = outbox.peer
         self.topics: set[str] = set()
         self.last_seq: dict[str, int] = {}  # last seq delivered, per topic
-        self.paused = False
-        self.outq: list[bytes] | None = None  # frames waiting for this pass's flush
-        self.outq_bytes = 0
         self.skipped = 0  # messages skipped while paused
-        self.closing = False  # a close is under way: write nothing more
         self.close_code: int | None = None  # set when the server closed it
         self.close_reason = ""
         self.beat: Beat[Connection] | None = None
         # Inbound rates (SPEC §10), each made on first use: messages, control frames
         # (pings and pongs), and frames of every kind.
-        self.bucket: TokenBucket | None = None
+        self.message_bucket: TokenBucket | None = None
         self.control_bucket: TokenBucket | None = None
         self.frame_bucket: TokenBucket | None = None
         self.reading = True  # False once closed for abuse: its bytes are no longer read
         # While a resume replays history, live messages wait here (None = live).
         self.pending: list[Message] | None = None
+
+    @property
+    def closing(self) -> bool:
+        """A close is under way: nothing more is written to it (its outbox is closed)."""
+        return self.outbox.closed
+
+    @closing.setter
+    def closing(self, value: bool) -> None:
+        self.outbox.closed = value
+
+    @property
+    def paused(self) -> bool:
+        """Paused by backpressure: it gets only `high` messages for now."""
+        return self.outbox.paused
 
     def __repr__(self) -> str:
         return f"<Connection {self.session_id} {self.remote}>"
@@ -127,6 +137,23 @@ class Registry:
         for topic in conn.topics:
             self._unindex(topic, conn)
         return True
+
+    @staticmethod
+    def admit(conn: Connection, topics: Iterable[str], limit: int) -> list[str]:
+        """`topics`, if `conn` may read them all without reading more than `limit`.
+
+        Every route that adds topics (`?topics=`, `subscribe`, `?since=`,
+        `resume`) comes through here, so one client's topics, and what the hub
+        and the backplane keep for them, stay bounded. Raises ValueError.
+        """
+        wanted = list(dict.fromkeys(topics))
+        new = sum(1 for t in wanted if t not in conn.topics and t != BROADCAST_TOPIC)
+        if new and len(conn.topics) + new > limit:
+            raise ValueError(
+                f"topic limit: a client reads at most {limit} topics "
+                f"(it reads {len(conn.topics)}, asked for {new} more)"
+            )
+        return wanted
 
     def subscribe(self, conn: Connection, topics: list[str]) -> list[str]:
         """Add topics; returns those that were new."""

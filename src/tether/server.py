@@ -40,17 +40,17 @@ STATIC = resources.files("tether") / "static"
 class AiohttpPeer:
     """One WebSocket as the hub sees it: write bytes, count buffered bytes, close.
 
-    `write`, `buffered` and `is_closing` are the transport's own methods, bound
-    once: the heartbeat and the flush call them for every client.
+    `write`, `in_transport` and `is_closing` are the transport's own methods,
+    bound once: the heartbeat and the flush call them for every client.
     """
 
-    __slots__ = ("_closed", "buffered", "is_closing", "transport", "write", "ws")
+    __slots__ = ("_closed", "in_transport", "is_closing", "transport", "write", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport) -> None:
         self.ws = ws
         self.transport = transport
         self.write: Callable[[bytes], None] = transport.write
-        self.buffered: Callable[[], int] = transport.get_write_buffer_size
+        self.in_transport: Callable[[], int] = transport.get_write_buffer_size
         self.is_closing: Callable[[], bool] = transport.is_closing
         self._closed: asyncio.Future[None] | None = None
 
@@ -294,7 +294,7 @@ class Routes:
             if since:
                 await hub.resume_query(conn, since)
             while True:
-                if conn.outq is not None:
+                if conn.outbox.queue is not None:
                     # Replies to what this client sent go out before its next frame
                     # is read: a protocol error there makes aiohttp write its close
                     # frame at once, and the replies must precede it.

@@ -1,0 +1,143 @@
+"""Fan-out and resume: each message to every subscriber once, in seq order (SPEC §6, §7).
+
+The backplane hands every message of a watched topic to `deliver`, which offers
+its frame (encoded once) to each subscriber's outbox. A client that is resuming
+gets live messages only after its replay, and duplicates are dropped by seq, so
+each client sees each message once and in order. A resync notice from the
+backplane (it lost messages) becomes `{"type":"resync"}` for the subscribers
+that may lack some.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from tether import frames
+from tether.message import Message, Priority
+from tether.outbox import Decision
+
+if TYPE_CHECKING:
+    from tether.hub import Hub
+    from tether.registry import Connection
+
+
+class Fanout:
+    """Delivery of published messages to this process's clients."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.stats = hub.stats
+        self.registry = hub.registry
+
+    def deliver(self, message: Message) -> None:
+        """Fan one message out to this process's subscribers (the backplane calls this).
+
+        The frame is encoded once for every client. A client whose outbox takes
+        it at once (`Outbox.offer`'s common case) costs a dict lookup and one
+        call; everyone else takes `deliver_to`, which applies every rule.
+        """
+        frame = frames.text(message.data)
+        topic, seq = message.topic, message.seq
+        priority = message.priority
+        if message.is_resync:  # a resync notice takes the full rules for everyone
+            for conn in self.registry.subscribers(topic):
+                if conn.pending is not None:
+                    conn.pending.append(message)
+                else:
+                    self.deliver_to(conn, message, frame)
+            return
+        send = Decision.SEND
+        delivered = 0
+        for conn in self.registry.subscribers(topic):
+            if conn.pending is not None:  # resuming: after its replay
+                conn.pending.append(message)
+                continue
+            last_seq = conn.last_seq
+            if seq <= last_seq.get(topic, 0):
+                continue  # already delivered (resume overlap)
+            decision = conn.outbox.offer(frame, priority)
+            if decision is send:
+                last_seq[topic] = seq
+                delivered += 1
+            else:
+                self._refused(conn, message, decision)
+        if delivered:
+            self.stats.delivered[priority] += delivered
+
+    def deliver_to(
+        self, conn: Connection, message: Message, frame: bytes | None = None, replay: bool = False
+    ) -> None:
+        """One message to one client, with every rule (resync notices, replays, dedup)."""
+        topic = message.topic
+        if message.is_resync:  # the backplane lost messages (SPEC §8)
+            self.resync(conn, topic, message.seq)
+            return
+        if message.seq <= conn.last_seq.get(topic, 0):
+            return  # already delivered (resume overlap)
+        if frame is None:
+            frame = frames.text(message.data)
+        # A replay is what the client asked for to close a gap: never skipped.
+        priority = Priority.HIGH if replay else message.priority
+        decision = conn.outbox.offer(frame, priority)
+        if decision is Decision.SEND:
+            conn.last_seq[topic] = message.seq
+            self.stats.delivered[message.priority] += 1
+            if replay:
+                self.stats.replayed += 1
+        else:
+            self._refused(conn, message, decision)
+
+    def _refused(self, conn: Connection, message: Message, decision: Decision) -> None:
+        if decision is Decision.SKIP:
+            self.stats.skipped[message.priority] += 1
+            conn.skipped += 1
+            # A skipped message is gone for this client: resume will not resend it.
+            conn.last_seq[message.topic] = message.seq
+        elif decision is Decision.CLOSE:
+            self.hub.close_slow(conn)
+
+    def resync(self, conn: Connection, topic: str, seq: int) -> None:
+        """The backplane lost messages of `topic` up to `seq` (0: it renumbered from 1).
+
+        A subscriber that may lack some of them gets `resync` and continues after `seq`.
+        """
+        last = conn.last_seq.get(topic, 0)
+        if last < seq or (seq == 0 and last > 0):
+            conn.last_seq[topic] = seq
+            self.stats.resyncs += 1
+            self.hub.send_control(conn, {"type": "resync", "topic": topic, "seq": seq})
+
+    async def resume(self, conn: Connection, since: Mapping[str, int]) -> None:
+        """Replay what the client missed on each topic, then let live messages through.
+
+        Live messages of this connection wait in `conn.pending` while history is
+        read (the Redis backplane reads over the network), then go out with
+        duplicates dropped by seq: in order, exactly once. Raises ValueError when
+        the topics would pass WS_MAX_TOPICS (nothing is added then).
+        """
+        if not since:
+            return
+        hub = self.hub
+        hub.subscribe(conn, self.registry.admit(conn, since, hub.settings.max_topics))
+        self.stats.resumes += 1
+        outer = conn.pending is not None
+        if not outer:
+            conn.pending = []
+        try:
+            for topic, seq in since.items():
+                replay = await hub.backplane.since(topic, seq)
+                if conn.closing:
+                    return
+                conn.last_seq[topic] = seq  # the client says what it has
+                for message in replay.items:
+                    self.deliver_to(conn, message, replay=True)
+                if replay.resync:
+                    self.stats.resyncs += 1
+                    conn.last_seq[topic] = replay.last
+                    hub.send_control(conn, {"type": "resync", "topic": topic, "seq": replay.last})
+        finally:
+            if not outer:
+                pending, conn.pending = conn.pending, None
+                for message in pending or ():
+                    self.deliver_to(conn, message)

@@ -1,0 +1,119 @@
+"""What operators see: the hub's counters, `GET /health` and `GET /api/connections` (SPEC §9).
+
+The counters are plain integers the rooms bump as they work; these views read
+them (and the connections) when asked, so nothing here runs on a hot path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tether.clock import iso, mono_to_iso
+from tether.message import Priority
+
+if TYPE_CHECKING:
+    from tether.hub import Hub
+
+# Upper bounds (seconds) of the RTT histogram buckets in /metrics.
+RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def _per_priority() -> list[int]:
+    return [0] * len(Priority)
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters shown in /health and /metrics (lists are indexed by Priority)."""
+
+    connections_total: int = 0
+    connections_refused: int = 0
+    published: list[int] = field(default_factory=_per_priority)
+    delivered: list[int] = field(default_factory=_per_priority)
+    skipped: list[int] = field(default_factory=_per_priority)
+    rtt_counts: list[int] = field(default_factory=lambda: [0] * (len(RTT_BUCKETS) + 1))
+    rtt_sum: float = 0.0
+    rate_limited: int = 0
+    abuse_closed: int = 0
+    slow_closed: int = 0
+    resumes: int = 0
+    resyncs: int = 0
+    replayed: int = 0
+    client_errors: int = 0
+    duplicates: int = 0  # publishes answered as a repeat of their idempotency key
+    loop_lag: float = 0.0  # seconds, last measurement
+    loop_lag_max: float = 0.0
+    loop_stalls: int = 0
+
+
+def health(hub: Hub) -> dict[str, Any]:
+    """The `GET /health` document."""
+    hb = hub.heartbeat
+    s = hub.stats
+    settings = hub.settings
+    return {
+        "status": "shutting_down" if hub.shutting_down else "ok",
+        "pid": os.getpid(),
+        "uptime": round(hub.clock.now() - hub.started_at, 3),
+        "clients": len(hub.registry),
+        "heartbeat": {
+            "enabled": hb is not None,
+            "intervalMs": settings.heartbeat_interval_ms,
+            "missed": settings.heartbeat_missed,
+            "pinged": hb.pings_sent if hb else 0,
+            "pongs": hb.pongs if hb else 0,
+            "staleClosed": hb.stale_closed if hb else 0,
+            "lateChecks": hb.late_checks if hb else 0,
+        },
+        "loop": {
+            "lagMs": round(s.loop_lag * 1000, 3),
+            "maxLagMs": round(s.loop_lag_max * 1000, 3),
+            "stalls": s.loop_stalls,
+        },
+        "messages": {
+            "published": sum(s.published),
+            "duplicates": s.duplicates,
+            "delivered": sum(s.delivered),
+            "replayed": s.replayed,
+            "skipped": {p.name.lower(): s.skipped[p] for p in Priority},
+            "rateLimited": s.rate_limited,
+            "abuseClosed": s.abuse_closed,
+            "slowClosed": s.slow_closed,
+            "resumes": s.resumes,
+            "resyncs": s.resyncs,
+        },
+        "backplane": hub.backplane.state(),
+    }
+
+
+def connections(hub: Hub) -> list[dict[str, Any]]:
+    """The `GET /api/connections` list: one object per client."""
+    out = []
+    clock = hub.clock
+    for conn in hub.registry:
+        beat = conn.beat
+        last_pong = None
+        rtt = None
+        if beat is not None:
+            if beat.last_pong is not None:
+                last_pong = mono_to_iso(clock, beat.last_pong)
+            if beat.rtt is not None:
+                rtt = round(beat.rtt * 1000, 3)
+        outbox = conn.outbox
+        out.append(
+            {
+                "sessionId": conn.session_id,
+                "connectedAt": iso(conn.connected_at),
+                "remote": conn.remote,
+                "lastPong": last_pong,
+                "rttMs": rtt,
+                "buffered": outbox.buffered(),
+                "paused": outbox.paused_now(),
+                "skipped": conn.skipped,
+                "topics": sorted(conn.topics),
+                "lastSeq": dict(conn.last_seq),
+            }
+        )
+    return out
