@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tether.errors import ConfigError
+from tether.proxies import Network, parse_trusted
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
@@ -39,6 +40,7 @@ class Settings:
     redis_url: str | None = None
     publish_token: str | None = None
     allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
     workers: int = 1
     max_connections: int = 10_000
     message_rate: int = 100
@@ -206,6 +208,13 @@ OPTIONS: tuple[Option, ...] = (
         _origins,
         "--allowed-origins",
         "comma list of Origins allowed to open a WebSocket",
+    ),
+    Option(
+        "TRUSTED_PROXIES",
+        "trusted_proxies",
+        parse_trusted,
+        "--trusted-proxies",
+        "comma list of proxy IPs/CIDRs whose X-Forwarded-For is believed (default: none)",
     ),
     Option("TETHER_WORKERS", "workers", _int_in(1, 64), "--workers", "processes on one port"),
     Option(

@@ -26,6 +26,7 @@ from tether.errors import BackplaneError, PublishError
 from tether.heartbeat import decode_ping_id
 from tether.hub import Hub, parse_since, parse_topics
 from tether.logs import get_logger
+from tether.proxies import client_address
 from tether.registry import Connection
 
 log = get_logger("server")
@@ -180,6 +181,11 @@ class Routes:
         self.hub = hub
         self.settings = settings
 
+    def remote(self, request: web.Request) -> str | None:
+        """The client's address: the peer's, or X-Forwarded-For's behind a trusted proxy."""
+        return client_address(request.remote, request.headers.getall("X-Forwarded-For", ()),
+                              self.settings.trusted_proxies)
+
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         hub = self.hub
         if hub.shutting_down:
@@ -187,13 +193,13 @@ class Routes:
         if len(hub.registry) >= self.settings.max_connections:
             hub.stats.connections_refused += 1
             log.warn("Connection refused, limit reached", limit=self.settings.max_connections,
-                     remote=request.remote)
+                     remote=self.remote(request))
             return _error(503, "too many connections")
         if not origin_allowed(
             request.headers.get("Origin"), request.host, self.settings.allowed_origins
         ):
             log.warn("WebSocket origin refused", origin=request.headers.get("Origin"),
-                     remote=request.remote)
+                     remote=self.remote(request))
             return _error(403, "origin not allowed")
         try:
             topics = parse_topics(request.query.get("topics", ""))
@@ -213,7 +219,7 @@ class Routes:
         if transport is None or transport.is_closing():
             return ws
         peer = AiohttpPeer(ws, transport)
-        conn = hub.open(peer, request.remote or "?", topics)
+        conn = hub.open(peer, self.remote(request) or "?", topics)
         transport.set_protocol(ClientStream(transport.get_protocol(), hub, conn))
         code: int | None = None
         reason = ""
