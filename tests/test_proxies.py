@@ -141,8 +141,12 @@ def test_a_long_header_of_trusted_hops_is_walked_once() -> None:
 
 
 async def open_ws(port: int, source: str, xff: str | None, origin: str | None = None) -> tuple[
-        aiohttp.ClientSession, aiohttp.ClientWebSocketResponse | None, int]:
-    """A WebSocket from the local address `source` with an X-Forwarded-For header."""
+        aiohttp.ClientSession, aiohttp.ClientWebSocketResponse | None, int, str]:
+    """A WebSocket from the local address `source` with an X-Forwarded-For header.
+
+    Returns the HTTP session (to close), the WebSocket (None when refused), the
+    status and the session id from the greeting.
+    """
     headers = {} if xff is None else {"X-Forwarded-For": xff}
     if origin is not None:
         headers["Origin"] = origin
@@ -150,9 +154,9 @@ async def open_ws(port: int, source: str, xff: str | None, origin: str | None = 
     try:
         ws = await session.ws_connect(f"http://127.0.0.1:{port}/ws", headers=headers)
     except aiohttp.WSServerHandshakeError as exc:
-        return session, None, exc.status
-    await ws.receive_json()  # connected
-    return session, ws, 101
+        return session, None, exc.status, ""
+    greeting = await ws.receive_json()
+    return session, ws, 101, str(greeting["sessionId"])
 
 
 async def remotes(port: int) -> list[str]:
@@ -183,7 +187,7 @@ async def test_server_believes_x_forwarded_for_only_from_a_trusted_proxy(
         logged = sorted(r["data"]["remote"] for r in log_capture.find("WebSocket client connected"))
         assert logged == ["127.0.0.3", "127.0.0.4", "203.0.113.7"]
     finally:
-        for session, ws, _ in opened:
+        for session, ws, _, _ in opened:
             if ws is not None:
                 await ws.close()
             await session.close()
@@ -193,7 +197,7 @@ async def test_without_trusted_proxies_the_header_is_ignored(
     start_tether: StartTether, log_capture: LogCapture
 ) -> None:
     t = await start_tether()
-    session, ws, _ = await open_ws(t.port, "127.0.0.1", "203.0.113.7")
+    session, ws, _, _ = await open_ws(t.port, "127.0.0.1", "203.0.113.7")
     try:
         assert await remotes(t.port) == ["127.0.0.1"]
         assert log_capture.find("WebSocket client connected")[0]["data"]["remote"] == "127.0.0.1"
@@ -208,10 +212,10 @@ async def test_refusal_log_lines_name_the_forwarded_client(
 ) -> None:
     t = await start_tether(trusted_proxies=parse_trusted("127.0.0.1"), max_connections=1)
     refused = []
-    session, ws, _ = await open_ws(t.port, "127.0.0.1", "203.0.113.7")
+    session, ws, _, _ = await open_ws(t.port, "127.0.0.1", "203.0.113.7")
     try:
         for source in ("127.0.0.1", "127.0.0.5"):
-            s, _, status = await open_ws(t.port, source, "198.51.100.4")
+            s, _, status, _ = await open_ws(t.port, source, "198.51.100.4")
             await s.close()
             refused.append(status)
         assert ws is not None
@@ -219,7 +223,7 @@ async def test_refusal_log_lines_name_the_forwarded_client(
         await session.close()
         assert await wait_no_clients(t.port)
         for source in ("127.0.0.1", "127.0.0.5"):
-            s, _, status = await open_ws(t.port, source, "198.51.100.9",
+            s, _, status, _ = await open_ws(t.port, source, "198.51.100.9",
                                          origin="https://evil.example")
             await s.close()
             refused.append(status)
