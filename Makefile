@@ -2,33 +2,50 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+HASH   := $(shell cksum < pyproject.toml | cut -d' ' -f1)
+# One stamp per install, named after pyproject.toml's checksum: `run` installs the
+# package alone; `test` adds the dev and bench extras, which satisfies `run` too.
+RUN_STAMP := $(VENV)/.installed-run-$(HASH)
+DEV_STAMP := $(VENV)/.installed-dev-$(HASH)
+PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck unit system-deps bench clean
+.PHONY: run test lint typecheck system-deps bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+# bin/pip, not bin/python: a venv that failed half-way (Debian's python3 without
+# python3-venv) has a python but no pip, and is removed so the next run retries.
+$(BIN)/pip:
+	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "make: '$(PYTHON) -m venv' failed; on Debian install python3-venv (scripts/system-deps.sh does)" >&2; \
+	  exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
-	rm -f $(VENV)/.installed-*
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/pip
+	$(BIN)/python -m pip install --quiet -e .
+	rm -f $(VENV)/.installed-run-*
 	touch $@
 
-run: $(STAMP)
+$(DEV_STAMP): pyproject.toml | $(BIN)/pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	rm -f $(VENV)/.installed-*
+	touch $@ $(RUN_STAMP)
+
+run: $(RUN_STAMP)
 	$(BIN)/tether serve
 
 system-deps:
 	./scripts/system-deps.sh
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests bench
 
-typecheck: $(STAMP)
+typecheck: $(DEV_STAMP)
 	$(BIN)/mypy --strict src
 
-test: $(STAMP) system-deps lint typecheck
-	$(BIN)/python -m pytest --cov=tether --cov-report=term --cov-report=xml:test-output/coverage.xml
+# system-deps first: on a fresh Debian machine it brings python3-venv for the venv.
+test: system-deps lint typecheck
+	$(BIN)/python -m pytest --cov=tether --cov-report=term --cov-report=xml:test-output/coverage.xml $(PYTEST_ARGS)
 
-bench: $(STAMP) system-deps
+bench: system-deps $(DEV_STAMP)
 	$(BIN)/python -m bench
 
 clean:

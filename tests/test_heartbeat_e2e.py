@@ -177,7 +177,8 @@ def network_namespace() -> Iterator[tuple[str, str, str]]:
             if done.returncode != 0:
                 pytest.fail(
                     "THIS MACHINE CANNOT CREATE NETWORK NAMESPACES, so the half-open dead-peer "
-                    f"test cannot run (needs root and iproute2): {' '.join(step)}: "
+                    f"test cannot run (needs root with CAP_NET_ADMIN, and iproute2, which "
+                    f"scripts/system-deps.sh installs): {' '.join(step)}: "
                     f"{done.stderr.strip()}", pytrace=False)
         yield ns, host_ip, peer_ip
     finally:
@@ -202,7 +203,12 @@ def drop_all_packets(ns: str) -> None:
 @pytest.mark.netns
 async def test_dead_peer_half_open_in_network_namespace() -> None:
     if os.geteuid() != 0:
-        pytest.fail("THE HALF-OPEN TEST NEEDS ROOT to create network namespaces", pytrace=False)
+        pytest.fail(
+            "THIS TEST NEEDS ROOT and this run is not root (uid "
+            f"{os.geteuid()}): it makes a half-open connection by creating a network namespace "
+            "and a veth pair (ip netns) and dropping their packets (nft), which needs root "
+            "(CAP_NET_ADMIN). Run the suite as root (sudo make test), or leave this one test out: "
+            "make test PYTEST_ARGS=\"-m 'not netns'\"", pytrace=False)
     with network_namespace() as (ns, host_ip, peer_ip):
         server = ServerProcess(env={
             "HOST": host_ip, "PUBLISH_TOKEN": "netns-test", "LOG_LEVEL": "info",

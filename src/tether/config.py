@@ -14,6 +14,7 @@ from typing import Any
 
 from tether.errors import ConfigError
 from tether.idempotency import DEFAULT_WINDOW_MS
+from tether.proxies import Network, parse_trusted
 from tether.redact import redact_url
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
@@ -42,6 +43,7 @@ class Settings:
     idempotency_window_ms: int = DEFAULT_WINDOW_MS
     publish_token: str | None = None
     allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
     workers: int = 1
     max_connections: int = 10_000
     message_rate: int = 100
@@ -221,6 +223,13 @@ OPTIONS: tuple[Option, ...] = (
         _origins,
         "--allowed-origins",
         "comma list of Origins allowed to open a WebSocket",
+    ),
+    Option(
+        "TRUSTED_PROXIES",
+        "trusted_proxies",
+        parse_trusted,
+        "--trusted-proxies",
+        "comma list of proxy IPs/CIDRs whose X-Forwarded-For is believed (default: none)",
     ),
     Option("TETHER_WORKERS", "workers", _int_in(1, 64), "--workers", "processes on one port"),
     Option(

@@ -30,6 +30,7 @@ from tether.heartbeat import decode_ping_id
 from tether.hub import Hub, parse_topics
 from tether.idempotency import check_key
 from tether.logs import get_logger
+from tether.proxies import client_address
 from tether.registry import Connection
 
 log = get_logger("server")
@@ -245,16 +246,21 @@ class Routes:
         self.hub = hub
         self.settings = settings
 
+    def remote(self, request: web.Request) -> str | None:
+        """The client's address: the peer's, or X-Forwarded-For's behind a trusted proxy."""
+        return client_address(request.remote, request.headers.getall("X-Forwarded-For", ()),
+                              self.settings.trusted_proxies)
+
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         hub = self.hub
         if hub.shutting_down:
             return _error(503, "server shutting down")
+        remote = self.remote(request) or "?"
         if len(hub.registry) >= self.settings.max_connections:
             hub.stats.connections_refused += 1
             log.warn("Connection refused, limit reached", limit=self.settings.max_connections,
-                     remote=request.remote)
+                     remote=remote)
             return _error(503, "too many connections")
-        remote = request.remote or "?"
         per_address = self.settings.max_per_address
         if per_address and hub.registry.from_address(remote) >= per_address:
             hub.stats.connections_refused += 1
@@ -265,7 +271,7 @@ class Routes:
             request.headers.get("Origin"), request.host, self.settings.allowed_origins
         ):
             log.warn("WebSocket origin refused", origin=request.headers.get("Origin"),
-                     remote=request.remote)
+                     remote=remote)
             return _error(403, "origin not allowed")
         try:
             topics = parse_topics(request.query.get("topics", ""), self.settings.max_topics)
