@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import LogCapture, StartTether
 from tests.hostile import Raw, dropped
-from tests.support import ServerProcess
+from tests.support import ServerProcess, free_port
 
 JSON = "application/json"
 
@@ -389,3 +389,99 @@ async def test_events_are_carried_exactly_or_refused(
         frame = await ws.recv_data()
         assert frame.payload == body[:-1] + b',"topic":"*","seq":1}'  # byte for byte
     ws.close()
+
+
+# ------------------------------------------------------------------ the log of a server process
+
+
+def json_lines(server: ServerProcess) -> list[dict[str, Any]]:
+    """Every line of the server's log, each of which must be a JSON object."""
+    out = []
+    for line in server.text().splitlines():
+        try:
+            out.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            raise AssertionError(f"not a JSON line: {line!r}\n{server.text()[-3000:]}") from None
+    return out
+
+
+async def test_malformed_requests_write_a_few_json_lines_at_log_level_error() -> None:
+    server = ServerProcess(env={"LOG_LEVEL": "error", "PORT": str(free_port())})
+    server.start()
+    try:
+        bad = (f"POST /event HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+               f"Content-Type: {JSON}\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{{}}")
+        for _ in range(100):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(bad.encode())
+            assert (await asyncio.wait_for(reader.read(4096), 5)).startswith(b"HTTP/1.")
+            writer.close()
+        await asyncio.sleep(0.2)
+        running = json_lines(server)
+        assert 1 <= len(running) <= 5, running
+        assert {x["module"] for x in running} == {"aiohttp.server"}
+        assert "Traceback" not in server.text()
+    finally:
+        assert server.stop() == 0
+    final = json_lines(server)  # at exit, the count of the lines left out
+    assert final[-1]["message"] == "Repeated log lines suppressed"
+    assert final[-1]["data"]["count"] == 100 - len(running)
+    assert len(final) == len(running) + 1
+
+
+async def test_clients_leaving_mid_body_leave_no_traceback_in_the_log() -> None:
+    server = ServerProcess(env={"LOG_LEVEL": "debug"})
+    server.start()
+    try:
+        for sent in (b"", b'{"type":"cut', b'{"type":"cut", "payload": "'):
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(head(server.port, 100) + sent)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.transport.abort()
+        await asyncio.sleep(0.1)
+        assert (await post_in_pieces(server.port, b'{"type":"after"}', piece=4))[0] == 202
+    finally:
+        assert server.stop() == 0
+    log = json_lines(server)
+    assert "Traceback" not in server.text()
+    assert not [x for x in log if x["level"] in ("warn", "error")], log
+
+
+async def test_out_of_file_descriptors_the_log_stays_small_and_the_server_recovers() -> None:
+    limit = 200
+    script = ("import resource, sys; "
+              f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit})); "
+              "from tether.cli import main; sys.exit(main(['serve']))")
+    server = ServerProcess(env={"LOG_LEVEL": "info", "WS_HANDSHAKE_TIMEOUT": "60000",
+                                "WS_HEARTBEAT_INTERVAL": "0"}, script=script)
+    server.start()
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(limit + 50):  # idle: the kernel accepts them, the server cannot
+            writers.append((await asyncio.open_connection("127.0.0.1", server.port))[1])
+        await asyncio.sleep(2.5)  # asyncio retries accept() on every loop pass meanwhile
+        log = json_lines(server)
+        assert len(log) < 100, len(log)
+        assert any(x["message"] == "socket.accept() out of system resource" for x in log), log
+        for w in writers:
+            w.close()
+        writers.clear()
+        async with aiohttp.ClientSession() as s:
+            for _ in range(60):  # asyncio accepts again after a 1 s pause
+                try:
+                    async with s.get(f"{server.url}/health",
+                                     timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        if r.status == 200:
+                            break
+                except (aiohttp.ClientError, TimeoutError):
+                    await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("no /health after the connections were closed")
+    finally:
+        for w in writers:
+            w.close()
+        assert server.stop() == 0
+    log = json_lines(server)
+    assert "Traceback" not in server.text() and len(log) < 120
+    assert sum(x["data"]["count"] for x in log if x["message"] == "Repeated log lines suppressed")
