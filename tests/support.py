@@ -60,6 +60,9 @@ class ServerProcess:
             cmd, env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=ROOT
         )
         try:
+            if self.env["LOG_LEVEL"].lower() in ("warn", "error"):
+                self._wait_listening(timeout)  # `Server ready` is an info line
+                return self
             ready = self.wait_for("Server ready", timeout=timeout)
         except BaseException:
             if self.proc.poll() is None:
@@ -70,6 +73,21 @@ class ServerProcess:
         url = ready["data"]["url"]
         self.port = int(url.rsplit(":", 1)[1])
         return self
+
+    def _wait_listening(self, timeout: float) -> None:
+        """Wait until the port (given: PORT=0 cannot be learnt from the log) accepts."""
+        self.port = int(self.env["PORT"])
+        assert self.port, "a server logging only warn or error lines needs a fixed PORT"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited ({self.proc.returncode}):\n{self.text()}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), timeout=0.5):
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"port {self.port} not listening within {timeout}s")
 
     def lines(self) -> list[dict[str, Any]]:
         out = []

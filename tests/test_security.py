@@ -48,6 +48,7 @@ async def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
 
 
 async def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json", **(headers or {})}
     async with aiohttp.ClientSession() as s, s.post(url, data=body, headers=headers) as r:
         return r.status, await r.json(content_type=None)
 

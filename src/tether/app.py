@@ -111,6 +111,9 @@ class Tether:
             # aiohttp starts this timer when TCP connects: a client that sends no
             # request (or half a request line) is dropped after it (SPEC §10).
             keepalive_timeout=self.settings.handshake_timeout_ms / 1000,
+            # A request refused before its body was read (401, 413...) has the rest
+            # read and dropped for at most this long, then its socket is closed.
+            lingering_time=self.settings.handshake_timeout_ms / 1000,
         )
         await runner.setup()
         self._runner = runner

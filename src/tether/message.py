@@ -7,6 +7,7 @@ assigns the topic's next sequence number and `stamp` appends `"topic"` and
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -16,9 +17,18 @@ import orjson
 from tether.errors import PublishError
 
 BROADCAST_TOPIC = "*"
-# Types the server itself sends: a published event may not impersonate them.
+# Types the server itself sends: a published event may not impersonate them,
+# in any letter case (compared case-folded).
 RESERVED_TYPES = frozenset({"connected", "pong", "subscribed", "unsubscribed", "resync", "error"})
 MAX_TOPIC_LENGTH = 200
+# The integers a JSON body can carry through tether exactly: orjson reads a
+# literal outside them as a float (silently rounded) and cannot write it back.
+INT_MIN = -(2**63)
+INT_MAX = 2**64 - 1
+# JSON has no leading zeros, so a literal outside the range has at least 19 digits.
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+# One JSON token that may hold digits: a whole string (escapes included) or a number.
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?', re.DOTALL)
 
 
 class Priority(IntEnum):
@@ -72,12 +82,38 @@ def resync_notice(topic: str, seq: int) -> Message:
 
 
 def check_topic(topic: object) -> str:
-    """A topic name, or PublishError: a non-empty string of printable characters."""
+    """A topic name, or PublishError: a non-empty string of printable characters.
+
+    Blank names and names with leading or trailing whitespace are refused too:
+    `?topics=` strips its items, so such a topic could never be subscribed to.
+    """
     if not isinstance(topic, str) or not topic or len(topic) > MAX_TOPIC_LENGTH:
         raise PublishError(400, f"topic must be a string of 1 to {MAX_TOPIC_LENGTH} characters")
     if not topic.isprintable() or "," in topic:
         raise PublishError(400, "topic must be printable and contain no comma")
+    if topic.strip() != topic:
+        raise PublishError(400, "topic must not be blank or start or end with whitespace")
     return topic
+
+
+def check_integers(body: bytes) -> None:
+    """Refuse (PublishError 400) a JSON body holding an integer tether cannot carry exactly.
+
+    `body` must be valid JSON (it parsed). A body without a run of 19 digits,
+    which is nearly every body, costs one regex search; otherwise its tokens
+    are read, so digits inside strings never count, and a number written
+    without '.', 'e' or 'E' must lie in [-2^63, 2^64-1].
+    """
+    if _LONG_DIGITS.search(body) is None:
+        return
+    for match in _TOKENS.finditer(body):
+        token = match.group()
+        if len(token) < 19 or token[0] == 0x22 or any(c in token for c in b".eE"):
+            continue  # a string, a short integer or a float literal
+        if not INT_MIN <= int(token) <= INT_MAX:
+            raise PublishError(
+                400, "integer out of range: tether carries integers between -2^63 and "
+                "2^64-1 exactly (send larger ones as strings)")
 
 
 def prepare(event: Any) -> Prepared:
@@ -87,7 +123,7 @@ def prepare(event: Any) -> Prepared:
     kind = event.get("type")
     if not isinstance(kind, str) or not kind:
         raise PublishError(400, "event needs a non-empty string 'type'")
-    if kind in RESERVED_TYPES:
+    if kind.casefold() in RESERVED_TYPES:
         raise PublishError(400, f"type {kind!r} is reserved for the server's own messages")
     topic = check_topic(event.get("topic", BROADCAST_TOPIC))
     priority = Priority.parse(event.get("priority"))

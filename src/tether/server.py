@@ -21,7 +21,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import orjson
-from aiohttp import WebSocketError, WSMsgType, web
+from aiohttp import StreamReader, WebSocketError, WSMsgType, web
 
 from tether import codes, frames, metrics
 from tether.config import Settings
@@ -30,6 +30,7 @@ from tether.heartbeat import decode_ping_id
 from tether.hub import Hub, parse_topics
 from tether.idempotency import check_key
 from tether.logs import get_logger
+from tether.message import check_integers
 from tether.proxies import client_address
 from tether.registry import Connection
 
@@ -223,6 +224,41 @@ def idempotency_key(request: web.Request) -> str | None:
     return check_key(values[0])
 
 
+async def read_body(content: StreamReader, limit: int) -> bytes:
+    """The whole request body, or PublishError 413 once it passes `limit` bytes.
+
+    `content.read(n)` returns as soon as any bytes are buffered, so a body split
+    over TCP segments, or sent chunked, takes several reads. Never more than
+    `limit` + 1 bytes are asked for, so an oversize body without a
+    Content-Length (chunked) is refused after that many, not buffered whole.
+    """
+    body = bytearray()
+    while chunk := await content.read(limit + 1 - len(body)):
+        body += chunk
+        if len(body) > limit:
+            raise PublishError(413, f"body larger than WS_MAX_MESSAGE ({limit} bytes)")
+    return bytes(body)
+
+
+async def _answer_and_close(request: web.Request, status: int, message: str) -> web.Response:
+    """Send an error, then close the socket at once.
+
+    Left to aiohttp, a request whose body is unread would be kept open for its
+    lingering time, reading what the client sends, and then kept alive: a
+    client that sends no body would hold the socket far past the deadline.
+    """
+    response = _error(status, message)
+    response.force_close()  # Connection: close
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client is gone already
+    if request.transport is not None:
+        request.transport.close()  # after the buffered answer is written
+    return response
+
+
 def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
     """Cross-site WebSocket hijacking guard: same origin, localhost, or the allowlist.
 
@@ -344,6 +380,7 @@ class Routes:
         return ws
 
     async def event(self, request: web.Request) -> web.Response:
+        started = asyncio.get_running_loop().time()
         token = self.settings.publish_token
         if token is not None:
             given = request.headers.get("Authorization", "")
@@ -353,6 +390,19 @@ class Routes:
             if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
                                        expected.encode()):
                 return _error(401, "missing or wrong bearer token")
+        # A page on another origin can POST a `text/plain` body with no preflight
+        # (a CORS "simple request"): the Origin rule of the upgrade applies here too,
+        # and only application/json, which a simple request cannot send, is read.
+        if not origin_allowed(
+            request.headers.get("Origin"), request.host, self.settings.allowed_origins
+        ):
+            log.debug("Publish origin refused", origin=request.headers.get("Origin"),
+                      remote=self.remote(request))
+            return _error(403, "origin not allowed")
+        if request.content_type != "application/json":
+            return _error(415, "Content-Type must be application/json")
+        if (request.charset or "utf-8").lower() != "utf-8":  # RFC 8259 §8.1: JSON is UTF-8
+            return _error(415, "JSON must be sent as UTF-8")
         try:
             key = idempotency_key(request)
         except PublishError as exc:
@@ -360,14 +410,24 @@ class Routes:
         limit = self.settings.max_message
         if request.content_length is not None and request.content_length > limit:
             return _error(413, f"body larger than WS_MAX_MESSAGE ({limit} bytes)")
-        body = await request.content.read(limit + 1)
-        if len(body) > limit:
-            return _error(413, f"body larger than WS_MAX_MESSAGE ({limit} bytes)")
+        timeout = self.settings.handshake_timeout_ms
+        try:
+            async with asyncio.timeout_at(started + timeout / 1000):
+                body = await read_body(request.content, limit)
+        except TimeoutError:
+            log.debug("Publish body timed out", remote=request.remote)
+            return await _answer_and_close(
+                request, 408, f"body not received within WS_HANDSHAKE_TIMEOUT ({timeout} ms)")
+        except ConnectionError:  # the client left mid-body: nobody to answer
+            return _error(400, "connection lost before the body was complete")
+        except PublishError as exc:
+            return _error(exc.status, exc.message)
         try:
             event = orjson.loads(body)
         except orjson.JSONDecodeError:
             return _error(400, "body is not valid JSON")
         try:
+            check_integers(body)
             message = await self.hub.publish(event, key)
         except PublishError as exc:
             return _error(exc.status, exc.message)
