@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from tests.support import RecordingPeer
 from tether import frames
 from tether.clock import ManualClock
-from tether.errors import PublishError
+from tether.errors import PublishError, Refusal
 from tether.history import History
 from tether.message import Priority, prepare, stamp
 from tether.outbox import Backpressure, Decision, Outbox, Writer
@@ -141,7 +141,7 @@ def test_prepare_and_stamp_serialize_once_and_append_topic_seq() -> None:
 def test_prepare_rejects_bad_events(event: object) -> None:
     with pytest.raises(PublishError) as err:
         prepare(event)
-    assert err.value.status == 400
+    assert err.value.refusal is Refusal.INVALID
 
 
 # ---- frames

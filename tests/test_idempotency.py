@@ -32,7 +32,7 @@ from tests.support import ROOT
 from tests.test_redis_cluster import Client, nodes, until, watching
 from tether.client import Client as TetherClient
 from tether.clock import ManualClock
-from tether.errors import PublishError
+from tether.errors import PublishError, Refusal
 from tether.idempotency import MAX_KEY_LENGTH, KeyMemory, Seen, check_key
 from tether.server import UNAVAILABLE
 from tether.tools import retry_delay
@@ -68,7 +68,7 @@ def test_check_key_takes_1_to_200_printable_ascii_characters() -> None:
     for bad in ("", "k" * (MAX_KEY_LENGTH + 1), "é", "tab\there", "nul\0", "del\x7f"):
         with pytest.raises(PublishError) as err:
             check_key(bad)
-        assert err.value.status == 400 and HEADER in err.value.message
+        assert err.value.refusal is Refusal.INVALID and HEADER in err.value.message
 
 
 def test_key_memory_expires_by_the_clock_and_is_bounded_in_count() -> None:

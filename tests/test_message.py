@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tether.errors import PublishError
+from tether.errors import PublishError, Refusal
 from tether.message import INT_MAX, INT_MIN, check_integers, check_topic, prepare
 
 
@@ -15,7 +15,7 @@ def refused(body: bytes) -> bool:
     try:
         check_integers(body)
     except PublishError as exc:
-        assert exc.status == 400 and "integer out of range" in exc.message
+        assert exc.refusal is Refusal.INVALID and "integer out of range" in exc.message
         return True
     return False
 
@@ -87,7 +87,7 @@ def test_the_python_api_refuses_integers_json_cannot_carry() -> None:
     """`Tether.publish` takes Python ints, which are exact: orjson refuses to write them."""
     with pytest.raises(PublishError) as err:
         prepare({"type": "x", "payload": 2**64})
-    assert err.value.status == 400
+    assert err.value.refusal is Refusal.INVALID
     assert orjson.loads(prepare({"type": "x", "payload": 2**64 - 1}).body)["payload"] == 2**64 - 1
 
 
@@ -98,7 +98,7 @@ def test_the_python_api_refuses_integers_json_cannot_carry() -> None:
 def test_blank_or_padded_topics_are_refused(topic: str) -> None:
     with pytest.raises(PublishError) as err:
         check_topic(topic)
-    assert err.value.status == 400
+    assert err.value.refusal is Refusal.INVALID
     with pytest.raises(PublishError):
         prepare({"type": "x", "topic": topic})
 
@@ -113,7 +113,7 @@ def test_ordinary_topics_pass(topic: str) -> None:
 def test_reserved_types_are_refused_in_any_case(kind: str) -> None:
     with pytest.raises(PublishError) as err:
         prepare({"type": kind})
-    assert err.value.status == 400 and "reserved" in err.value.message
+    assert err.value.refusal is Refusal.INVALID and "reserved" in err.value.message
 
 
 @pytest.mark.parametrize("kind", ["connect", "pongs", "errors", "order"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 
 class TetherError(Exception):
     """Base of every error tether raises on purpose."""
@@ -16,13 +18,27 @@ class ConfigError(TetherError):
         self.reason = reason
 
 
-class PublishError(TetherError):
-    """A publish was refused; nothing was broadcast. `status` is the HTTP status."""
+class Refusal(Enum):
+    """Why a publish was refused (the HTTP edge maps each to a status: server.py)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    INVALID = "invalid"  # the event, or a header, is not acceptable
+    TOO_LARGE = "too large"  # over WS_MAX_MESSAGE
+    KEY_REUSED = "key reused"  # the idempotency key was used for another event
+    REFUSED = "refused"  # any other refusal a server answered (the client's view)
+
+
+class PublishError(TetherError):
+    """A publish was refused; nothing was broadcast.
+
+    `status` is set only where an HTTP answer was read (the clients): the HTTP
+    status the server gave.
+    """
+
+    def __init__(self, refusal: Refusal, message: str, status: int | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.refusal = refusal
         self.message = message
+        self.status = status
 
 
 class BackplaneError(TetherError):

@@ -29,7 +29,7 @@ from tether import codes, frames, views
 from tether.backplane.base import Backplane, Published
 from tether.clock import Clock, SystemClock, iso
 from tether.config import Settings
-from tether.errors import PublishError
+from tether.errors import PublishError, Refusal
 from tether.fanout import Fanout
 from tether.heartbeat import Heartbeat
 from tether.inbound import Inbound, MessageHandler, parse_since, parse_topics
@@ -285,7 +285,8 @@ class Hub:
         prepared = prepare(event)
         if len(prepared.body) > self.settings.max_message:
             limit = self.settings.max_message
-            raise PublishError(413, f"event is larger than WS_MAX_MESSAGE ({limit} bytes)")
+            raise PublishError(
+                Refusal.TOO_LARGE, f"event is larger than WS_MAX_MESSAGE ({limit} bytes)")
         message = await self.backplane.publish(prepared, key)
         if message.duplicate:
             self.stats.duplicates += 1

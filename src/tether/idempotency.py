@@ -20,7 +20,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from tether.errors import PublishError
+from tether.errors import PublishError, Refusal
 from tether.message import Prepared
 
 MAX_KEY_LENGTH = 200
@@ -36,7 +36,8 @@ def check_key(raw: str) -> str:
     """An idempotency key: 1 to 200 printable ASCII characters; else PublishError (400)."""
     if not 1 <= len(raw) <= MAX_KEY_LENGTH or not all(" " <= c <= "~" for c in raw):
         raise PublishError(
-            400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters"
+            Refusal.INVALID,
+            f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters",
         )
     return raw
 
@@ -99,4 +100,4 @@ class KeyMemory:
 def check_repeat(seen: Seen, fingerprint: str) -> None:
     """A repeat of a key must carry the event it was first used for (else 422)."""
     if seen.fingerprint != fingerprint:
-        raise PublishError(422, MISMATCH)
+        raise PublishError(Refusal.KEY_REUSED, MISMATCH)

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from tether.errors import PublishError
+from tether.errors import PublishError, Refusal
 
 BROADCAST_TOPIC = "*"
 # Types the server itself sends: a published event may not impersonate them,
@@ -45,7 +45,7 @@ class Priority(IntEnum):
                 return cls[value.upper()]
             except KeyError:
                 pass
-        raise PublishError(400, "priority must be one of high, normal, low")
+        raise PublishError(Refusal.INVALID, "priority must be one of high, normal, low")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +88,13 @@ def check_topic(topic: object) -> str:
     `?topics=` strips its items, so such a topic could never be subscribed to.
     """
     if not isinstance(topic, str) or not topic or len(topic) > MAX_TOPIC_LENGTH:
-        raise PublishError(400, f"topic must be a string of 1 to {MAX_TOPIC_LENGTH} characters")
+        raise PublishError(
+            Refusal.INVALID, f"topic must be a string of 1 to {MAX_TOPIC_LENGTH} characters")
     if not topic.isprintable() or "," in topic:
-        raise PublishError(400, "topic must be printable and contain no comma")
+        raise PublishError(Refusal.INVALID, "topic must be printable and contain no comma")
     if topic.strip() != topic:
-        raise PublishError(400, "topic must not be blank or start or end with whitespace")
+        raise PublishError(
+            Refusal.INVALID, "topic must not be blank or start or end with whitespace")
     return topic
 
 
@@ -112,26 +114,27 @@ def check_integers(body: bytes) -> None:
             continue  # a string, a short integer or a float literal
         if not INT_MIN <= int(token) <= INT_MAX:
             raise PublishError(
-                400, "integer out of range: tether carries integers between -2^63 and "
+                Refusal.INVALID, "integer out of range: tether carries integers between -2^63 and "
                 "2^64-1 exactly (send larger ones as strings)")
 
 
 def prepare(event: Any) -> Prepared:
     """Validate a posted event and serialize it once; raises PublishError (400)."""
     if not isinstance(event, dict):
-        raise PublishError(400, "event must be a JSON object")
+        raise PublishError(Refusal.INVALID, "event must be a JSON object")
     kind = event.get("type")
     if not isinstance(kind, str) or not kind:
-        raise PublishError(400, "event needs a non-empty string 'type'")
+        raise PublishError(Refusal.INVALID, "event needs a non-empty string 'type'")
     if kind.casefold() in RESERVED_TYPES:
-        raise PublishError(400, f"type {kind!r} is reserved for the server's own messages")
+        raise PublishError(
+            Refusal.INVALID, f"type {kind!r} is reserved for the server's own messages")
     topic = check_topic(event.get("topic", BROADCAST_TOPIC))
     priority = Priority.parse(event.get("priority"))
     rest = {k: v for k, v in event.items() if k not in ("topic", "seq")}
     try:
         body = orjson.dumps(rest)
     except TypeError as exc:
-        raise PublishError(400, f"event cannot be serialized as JSON: {exc}") from None
+        raise PublishError(Refusal.INVALID, f"event cannot be serialized as JSON: {exc}") from None
     return Prepared(topic, priority, body)
 
 

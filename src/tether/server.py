@@ -20,7 +20,7 @@ from aiohttp import StreamReader, web
 
 from tether import metrics
 from tether.config import Settings
-from tether.errors import BackplaneError, PublishError
+from tether.errors import BackplaneError, PublishError, Refusal
 from tether.hub import Hub, parse_topics
 from tether.idempotency import check_key
 from tether.logs import get_logger
@@ -31,6 +31,14 @@ from tether.stream import AiohttpPeer, ClientStream, serve
 log = get_logger("server")
 HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
 STATIC = resources.files("tether") / "static"
+
+
+# Why a publish was refused, as an HTTP status (the one place they are mapped).
+HTTP_STATUS = {Refusal.INVALID: 400, Refusal.TOO_LARGE: 413, Refusal.KEY_REUSED: 422}
+
+
+def _refused(exc: PublishError) -> web.Response:
+    return _error(HTTP_STATUS.get(exc.refusal, 400), exc.message)
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -57,7 +65,7 @@ def idempotency_key(request: web.Request) -> str | None:
     if not values:
         return None
     if len(values) > 1:
-        raise PublishError(400, "more than one Idempotency-Key header")
+        raise PublishError(Refusal.INVALID, "more than one Idempotency-Key header")
     return check_key(values[0])
 
 
@@ -73,7 +81,8 @@ async def read_body(content: StreamReader, limit: int) -> bytes:
     while chunk := await content.read(limit + 1 - len(body)):
         body += chunk
         if len(body) > limit:
-            raise PublishError(413, f"body larger than WS_MAX_MESSAGE ({limit} bytes)")
+            raise PublishError(
+                Refusal.TOO_LARGE, f"body larger than WS_MAX_MESSAGE ({limit} bytes)")
     return bytes(body)
 
 
@@ -194,7 +203,7 @@ class Routes:
         try:
             key = idempotency_key(request)
         except PublishError as exc:
-            return _error(exc.status, exc.message)
+            return _refused(exc)
         limit = self.settings.max_message
         if request.content_length is not None and request.content_length > limit:
             return _error(413, f"body larger than WS_MAX_MESSAGE ({limit} bytes)")
@@ -209,7 +218,7 @@ class Routes:
         except ConnectionError:  # the client left mid-body: nobody to answer
             return _error(400, "connection lost before the body was complete")
         except PublishError as exc:
-            return _error(exc.status, exc.message)
+            return _refused(exc)
         try:
             event = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -218,7 +227,7 @@ class Routes:
             check_integers(body)
             message = await self.hub.publish(event, key)
         except PublishError as exc:
-            return _error(exc.status, exc.message)
+            return _refused(exc)
         except BackplaneError as exc:  # Redis away or failed mid-call (SPEC §8)
             # The backplane's error texts are redacted; the body names none of it.
             log.warn("Publish failed, backplane unavailable", error=str(exc),

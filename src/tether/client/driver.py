@@ -40,11 +40,14 @@ from tether.client.logic import (
     ws_url,
 )
 from tether.clock import Clock, SystemClock
-from tether.errors import PublishError
+from tether.errors import PublishError, Refusal
 from tether.logs import get_logger
 from tether.tools import ATTEMPTS, Retry, publish_retrying
 
 log = get_logger("client")
+
+# What the server's HTTP status says about a refused publish.
+REFUSALS = {400: Refusal.INVALID, 413: Refusal.TOO_LARGE, 422: Refusal.KEY_REUSED}
 
 class State(enum.Enum):
     CONNECTING = "connecting"
@@ -264,7 +267,8 @@ class Client:
             http_url(self.url), body, self.token, key=key, attempts=attempts,
             on_retry=_log_retry)
         if status != 202:
-            raise PublishError(status, str(reply.get("error", reply)))
+            raise PublishError(REFUSALS.get(status, Refusal.REFUSED),
+                               str(reply.get("error", reply)), status)
         return reply
 
     @property
