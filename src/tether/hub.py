@@ -9,7 +9,14 @@ It composes the rooms and owns a connection's life (open, close, kill, forget):
     pulse.py     the heartbeat driver and the event-loop lag monitor, on the clock
     views.py     counters, /health and /api/connections
 
-It imports no web framework: `server.py` feeds it frames and gives it a `Peer`
+A connection ends in one of four ways, each named once: the server `close`s it
+(a close handshake, WS_CLOSE_TIMEOUT at most), `fail`s it (it broke the
+protocol: the close frame, then a short grace), or `kill`s it (presumed dead:
+aborted at once); or the socket closes by itself and the server `detach`es it.
+Whichever comes first unregisters it (`_unregister`); `detach` always comes
+last and logs `WebSocket client disconnected` once, with the code.
+
+It imports no web framework: `stream.py` feeds it frames and gives it a `Peer`
 per WebSocket. Writes never await: a broadcast encodes its frame once and offers
 it to each client's outbox; a client that cannot keep up is paused, then closed
 as too slow (SPEC §6), so one dead client never stalls the others. Every timer
@@ -138,7 +145,7 @@ class Hub:
         if conn.closing and conn.close_code is not None:
             code, reason = conn.close_code, conn.close_reason
         conn.closing = True
-        self._forget(conn)
+        self._unregister(conn)
         ws_log.info(
             "WebSocket client disconnected",
             sessionId=conn.session_id,
@@ -146,7 +153,7 @@ class Hub:
             reason=reason,
         )
 
-    def _forget(self, conn: Connection) -> None:
+    def _unregister(self, conn: Connection) -> None:
         if self.registry.remove(conn):
             self._watch()
         if conn.beat is not None and self.heartbeat is not None:
@@ -168,7 +175,7 @@ class Hub:
         self.writer.flush_one(conn.outbox)  # what was accepted goes out before the close
         conn.closing = True
         conn.close_code, conn.close_reason = code, reason
-        self._forget(conn)
+        self._unregister(conn)
         limit = self.settings.close_timeout_ms / 1000
         timeout = min(limit, SHED_GRACE if not read else timeout if timeout is not None else limit)
         fut = asyncio.ensure_future(conn.peer.close(code, reason, timeout, read=read))
@@ -200,7 +207,7 @@ class Hub:
         """Presumed dead: unregister at once, close frame best-effort, abort the transport."""
         conn.closing = True
         conn.close_code, conn.close_reason = code, reason
-        self._forget(conn)
+        self._unregister(conn)
         peer = conn.peer
         try:
             if not peer.is_closing():
