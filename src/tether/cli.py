@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"tether: configuration error: {exc}", file=sys.stderr)
             return 2
-        logs.setup(settings.log_level)
+        logs.setup(settings.log_level, form=settings.log_format)
         from tether import workers
 
         if workers.supervising(settings):

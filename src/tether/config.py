@@ -31,6 +31,7 @@ class Settings:
     port: int = 4011
     host: str = "127.0.0.1"
     log_level: str = "info"
+    log_format: str = "auto"
     heartbeat_interval_ms: int = 30_000
     heartbeat_missed: int = 2
     close_timeout_ms: int = 5_000
@@ -100,6 +101,13 @@ def _level(raw: str) -> str:
     return value
 
 
+def _log_format(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("auto", "json", "text"):
+        raise ValueError(f"must be one of auto, json, text, got {raw!r}")
+    return value
+
+
 def _host(raw: str) -> str:
     value = raw.strip()
     if not value:
@@ -146,6 +154,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("PORT", "port", _int_in(0, 65535), "--port", "HTTP + WebSocket port (0 = any free)"),
     Option("HOST", "host", _host, "--host", "bind address"),
     Option("LOG_LEVEL", "log_level", _level, "--log-level", "debug, info, warn, error"),
+    Option("LOG_FORMAT", "log_format", _log_format, "--log-format",
+           "json, text, or auto (text on a terminal, JSON otherwise)"),
     Option(
         "WS_HEARTBEAT_INTERVAL",
         "heartbeat_interval_ms",

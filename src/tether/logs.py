@@ -1,9 +1,12 @@
-"""JSON log lines on top of the standard `logging` module (SPEC §3).
+"""Log lines on top of the standard `logging` module (SPEC §3): JSON, or text for people.
 
-One object per line: {"timestamp", "level", "module", "message", "data"}; `data`
-is omitted when empty. Loggers are module-scoped (`get_logger("heartbeat")`) and
-filtered by LOG_LEVEL. Each line is flushed as it is written, so a log file read
-by an operator or a test is never behind.
+JSON (the interface: files, pipes, `LOG_FORMAT=json`): one object per line,
+{"timestamp", "level", "module", "message", "data"}; `data` is omitted when
+empty. Text (a terminal, or `LOG_FORMAT=text`): one line per event, time, level
+and module aligned, then the message and `data` as key=value pairs. Loggers are
+module-scoped (`get_logger("heartbeat")`) and filtered by LOG_LEVEL. Each line is
+flushed as it is written, so a log file read by an operator or a test is never
+behind.
 
 The libraries tether runs on log through the same handler, level and format:
 aiohttp (`aiohttp.server`, `aiohttp.web`, `aiohttp.access`, `aiohttp.internal`)
@@ -84,6 +87,30 @@ class JsonFormatter(logging.Formatter):
         if data:
             line["data"] = data
         return orjson.dumps(line, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """Formats a record as one line for a person: `12:03:04.120 warn  heartbeat  message  k=v`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._json = JsonFormatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = orjson.loads(self._json.format(record))
+        stamp = line["timestamp"][11:23]  # hh:mm:ss.mmm (UTC)
+        text = f"{stamp} {line['level']:<5} {line['module']:<10} {line['message']}"
+        data = line.get("data")
+        if data:
+            text += "  " + " ".join(f"{k}={_plain(v)}" for k, v in data.items())
+        return text
+
+
+def _plain(value: Any) -> str:
+    """A value of `data` as a person reads it: strings bare unless they hold spaces."""
+    if isinstance(value, str):
+        return value if value and " " not in value and "=" not in value else repr(value)
+    return orjson.dumps(value).decode()
 
 
 @dataclass(slots=True)
@@ -173,12 +200,12 @@ def _limited(record: logging.LogRecord) -> bool:
 
 
 class JsonHandler(logging.StreamHandler[IO[str]]):
-    """Writes JSON lines to a stream, leaving out repeats (see `RepeatLimiter`)."""
+    """Writes log lines (JSON unless told `text`) to a stream, leaving out repeats."""
 
-    def __init__(self, stream: IO[str], limiter: RepeatLimiter) -> None:
+    def __init__(self, stream: IO[str], limiter: RepeatLimiter, text: bool = False) -> None:
         super().__init__(stream)
         self.limiter = limiter
-        self.setFormatter(JsonFormatter())
+        self.setFormatter(TextFormatter() if text else JsonFormatter())
 
     def emit(self, record: logging.LogRecord) -> None:
         limiter = self.limiter
@@ -249,10 +276,18 @@ def get_logger(module: str) -> Logger:
     return Logger(module)
 
 
+FORMATS = ("auto", "json", "text")
+
+
 def setup(level: str = "info", stream: IO[str] | None = None,
-          limiter: RepeatLimiter | None = None) -> None:
-    """Send tether's logs and its libraries', as JSON lines, to `stream` (stdout by default)."""
-    handler = JsonHandler(stream or sys.stdout, limiter or RepeatLimiter())  # flushes each line
+          limiter: RepeatLimiter | None = None, form: str = "json") -> None:
+    """Send tether's logs and its libraries' to `stream` (stdout by default).
+
+    `form`: "json", "text", or "auto" (text when the stream is a terminal).
+    """
+    stream = stream or sys.stdout
+    text = form == "text" or (form == "auto" and stream.isatty())
+    handler = JsonHandler(stream, limiter or RepeatLimiter(), text)  # flushes each line
     replaced: set[logging.Handler] = set()
     for name in (ROOT, *FOREIGN):
         logger = logging.getLogger(name)
