@@ -15,6 +15,7 @@ from tether.history import History
 from tether.message import Priority, prepare, stamp
 from tether.outbox import Backpressure, Decision, Outbox, Writer
 from tether.registry import Connection, Registry
+from tether.wire import BINARY, PING, PONG, TEXT, FrameReader, lone_pong
 
 
 def conn(sid: str, *topics: str) -> Connection:
@@ -156,33 +157,62 @@ def test_frames_length_encodings() -> None:
         frames.ping(b"x" * 126)
 
 
-def test_mask_check_finds_whole_pong_frames_and_unmasks_them() -> None:
+def test_frame_reader_reassembles_messages_between_pongs_and_pings() -> None:
     from tests.wsraw import encode
 
     pong = encode(0xA, b"\x00\x00\x00\x00\x00\x00\x00\x07")
     text = encode(0x1, b'{"type":"ping"}')
-    check = frames.MaskCheck()
-    data = text + pong + text + pong[:5]  # the last pong is cut: left to the parser
-    assert check.feed(data) is None
-    start = len(text)
-    assert check.pongs == [(start, start + len(pong))]
-    assert frames.unmask_control(data, start, start + len(pong)) == b"\x00" * 7 + b"\x07"
-    assert check.feed(pong[5:]) is None and check.pongs == []
+    reader = FrameReader(1000)
+    data = text + pong + encode(0x2, b"ab", fin=False) + encode(0x9, b"p") + pong[:5]
+    assert reader.feed(data) == [(TEXT, '{"type":"ping"}'), (PONG, (7).to_bytes(8, "big")),
+                                 (PING, b"p")]
+    assert not reader.at_boundary  # the pong is cut
+    assert reader.feed(pong[5:] + encode(0x0, b"cd")) == [(PONG, (7).to_bytes(8, "big")),
+                                                          (BINARY, b"abcd")]
+    assert reader.at_boundary and reader.failure is None and reader.frames == 6
 
 
-def test_mask_check_reads_a_lone_heartbeat_pong_as_its_ping_id() -> None:
+def test_a_lone_heartbeat_pong_is_read_as_its_ping_id() -> None:
     from tests.wsraw import encode
 
     pong = encode(0xA, (123456789).to_bytes(8, "big"))
-    check = frames.MaskCheck()
-    assert check.lone_pong(pong) == 123456789
-    assert check.lone_pong(encode(0xA, b"1234567")) is None  # not 8 bytes: not ours
-    assert check.lone_pong(encode(0x9, b"12345678")) is None  # a ping, not a pong
-    assert check.lone_pong(pong + pong) is None  # two frames: the general scan
-    # Inside another frame's payload the same bytes are data, not a pong.
-    text = encode(0x1, b"x" * 40)
-    assert check.feed(text[:20]) is None
-    assert check.lone_pong(pong) is None
+    assert lone_pong(pong) == 123456789
+    assert lone_pong(encode(0xA, b"1234567")) is None  # not 8 bytes: not ours
+    assert lone_pong(encode(0x9, b"12345678")) is None  # a ping, not a pong
+    assert lone_pong(pong + pong) is None  # two frames: the general path
+    # Inside another frame's payload the same bytes are data: the caller asks first.
+    reader = FrameReader(1000)
+    reader.feed(encode(0x1, b"x" * 40)[:20])
+    assert not reader.at_boundary
+
+
+@pytest.mark.parametrize(("data", "failure"), [
+    (bytes([0x81 | 0x40, 0x80, 1, 2, 3, 4]), 1002),  # RSV1 set, nothing negotiated
+    (bytes([0x83, 0x80, 1, 2, 3, 4]), 1002),  # reserved data opcode
+    (bytes([0x8B, 0x80, 1, 2, 3, 4]), 1002),  # reserved control opcode
+    (bytes([0x81, 0x00]), 1002),  # unmasked
+    (bytes([0x09, 0x80, 1, 2, 3, 4]), 1002),  # a fragmented ping
+    (bytes([0x80, 0x80, 1, 2, 3, 4]), 1002),  # a continuation with no message
+    (bytes([0x88, 0x81, 0, 0, 0, 0, 3]), 1002),  # a close frame of one byte
+    (bytes([0x89, 0xFE, 0, 5, 0, 0, 0, 0]) + b"12345", 1002),  # ping length in 16 bits
+    (bytes([0x81, 0x82, 0, 0, 0, 0, 0xC3, 0x28]), 1007),  # invalid UTF-8
+    (bytes([0x81, 0xFF]) + (2**40).to_bytes(8, "big") + b"\0\0\0\0", 1009),  # far too big
+])
+def test_frame_reader_maps_each_violation_to_its_close_code(data: bytes, failure: int) -> None:
+    reader = FrameReader(1000)
+    assert reader.feed(data) == []
+    assert reader.failure is not None and reader.failure[0] == failure
+    assert reader.feed(b"anything") == []  # nothing more is read after a failure
+
+
+def test_fragmented_text_fails_at_the_first_bad_fragment() -> None:
+    from tests.wsraw import encode
+
+    reader = FrameReader(1000)
+    assert reader.feed(encode(0x1, "κό".encode(), fin=False)) == []
+    assert reader.failure is None
+    assert reader.feed(encode(0x0, b"\xf4\x90\x80\x80", fin=False)) == []  # > U+10FFFF
+    assert reader.failure == (1007, "Invalid UTF-8")
 
 
 def test_ping8_head_is_the_header_of_an_8_byte_ping() -> None:

@@ -25,9 +25,12 @@ FORBIDDEN = ("asyncio", "aiohttp", "redis", "yarl")
 
 # The modules that say they are pure or do no I/O (their docstrings), and the
 # data modules the core is made of. Left out on purpose: tether.clock (the time
-# edge), tether.logs (writes to streams), tether.inbound, tether.fanout,
-# tether.pulse and tether.views (the hub's rooms, on the clock), tether.frames.
+# edge), tether.logs (writes to streams), tether.stream and tether.server (the
+# aiohttp edge), tether.inbound, tether.fanout, tether.pulse and tether.views
+# (the hub's rooms, on the clock).
 PURE = [
+    "tether.wire",  # "with no I/O": client bytes in, events out
+    "tether.frames",  # bytes out: the server's frames, encoded once
     "tether.heartbeat",  # "with no I/O"
     "tether.registry",  # "with no I/O"
     "tether.outbox",  # "No I/O of its own ... Nothing here imports asyncio"

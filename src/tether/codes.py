@@ -10,6 +10,7 @@ class Close(IntEnum):
     GOING_AWAY = 1001  # §7.4.1: server going down
     PROTOCOL_ERROR = 1002  # §7.4.1: malformed frame
     UNSUPPORTED_DATA = 1003  # §7.4.1: binary where only text is accepted
+    NO_STATUS = 1005  # §7.4.1: reserved, never sent: the client's close frame had no code
     ABNORMAL = 1006  # §7.4.1: reserved, never sent: the connection dropped with no close frame
     INVALID_DATA = 1007  # §7.4.1: invalid UTF-8 in a text message
     POLICY_VIOLATION = 1008  # §7.4.1: rate limits
@@ -41,8 +42,8 @@ FLOODING = (Close.POLICY_VIOLATION, REASONS[Close.POLICY_VIOLATION])
 # Codes a peer may put in a close frame (RFC 6455 §7.4.1, §7.4.2, and the IANA
 # registry): 1004-1006 and 1015 are reserved and must never be sent, 1016-2999
 # are reserved for future RFCs, 3000-4999 belong to libraries and applications,
-# and nothing is defined from 5000 on. 0 stands for a close frame with no code.
-_PEER_CODES = frozenset({0, 1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+# and nothing is defined below 1000 or from 5000 on.
+_PEER_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 
 
 def valid_close_code(code: int) -> bool:

@@ -45,8 +45,9 @@ __all__ = ["RTT_BUCKETS", "Hub", "MessageHandler", "Stats", "parse_since", "pars
 log = get_logger("hub")
 ws_log = get_logger("websocket")
 
-# Longest an abusive client's socket stays open once its close frame is written:
-# long enough for the frame to reach it, so it learns why (RFC 6455 §7.1.7).
+# Longest the socket of a client that broke the protocol or flooded stays open
+# once its close frame is written: long enough for the frame to reach it, so it
+# learns why (RFC 6455 §7.1.7), not long enough to cost anything.
 SHED_GRACE = 1.0
 
 
@@ -151,25 +152,38 @@ class Hub:
         if conn.beat is not None and self.heartbeat is not None:
             self.heartbeat.remove(conn.beat)
 
-    def close(self, conn: Connection, code: int, reason: str, *, read: bool = True) -> None:
-        """Close with a handshake, waiting up to WS_CLOSE_TIMEOUT, then abort.
+    def close(
+        self, conn: Connection, code: int, reason: str, *, read: bool = True,
+        timeout: float | None = None,
+    ) -> asyncio.Future[None] | None:
+        """Close with a handshake, waiting up to WS_CLOSE_TIMEOUT (or `timeout`), then abort.
 
         `read=False` (a client closed for abuse): its bytes are no longer read at
         all, so a flood costs nothing while the close frame goes out; the socket
-        is aborted once the frame has left, after a short grace at most.
+        is aborted after a short grace. Returns the close under way (None when
+        one already was).
         """
         if conn.closing:
-            return
+            return None
         self.writer.flush_one(conn.outbox)  # what was accepted goes out before the close
         conn.closing = True
         conn.close_code, conn.close_reason = code, reason
         self._forget(conn)
-        timeout = self.settings.close_timeout_ms / 1000
-        if not read:
-            timeout = min(timeout, SHED_GRACE)
+        limit = self.settings.close_timeout_ms / 1000
+        timeout = min(limit, SHED_GRACE if not read else timeout if timeout is not None else limit)
         fut = asyncio.ensure_future(conn.peer.close(code, reason, timeout, read=read))
         self._closers.add(fut)
         fut.add_done_callback(self._closers.discard)
+        return fut
+
+    def fail(self, conn: Connection, code: int, reason: str) -> asyncio.Future[None] | None:
+        """The client broke the protocol (wire.py chose the code): fail the connection.
+
+        RFC 6455 §7.1.7: the close frame with the code goes out, the client is
+        no longer read, and the socket is aborted once the frame is delivered.
+        """
+        conn.reading = False
+        return self.close(conn, code, reason, timeout=SHED_GRACE)
 
     def close_slow(self, conn: Connection) -> None:
         """Close a client whose buffered bytes would pass WS_MAX_BUFFER (1013, SPEC §6)."""

@@ -1,199 +1,36 @@
 """The aiohttp edge: HTTP and WebSocket on one port (SPEC §6, §9).
 
-This is the only module that knows aiohttp's server. It adapts each WebSocket to
-the hub's `Peer` and turns HTTP requests into hub calls. Frames from clients
-are read with aiohttp's parser (`autoping=False`, so pings and pongs reach us),
-behind `ClientStream`, which answers heartbeat pongs and checks masking first;
-frames to clients are written pre-encoded to the transport (see `frames.py`),
+With `stream.py`, the only modules that know aiohttp's server. This one turns
+HTTP requests into hub calls and answers the WebSocket upgrade; after it, the
+connection's bytes are tether's (`stream.py`): frames from clients are read by
+`wire.FrameReader`, frames to clients are written pre-encoded (see `frames.py`),
 with permessage-deflate off so the same bytes are valid on every connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hmac
-import struct
-import termios
-from collections.abc import Callable
 from importlib import resources
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-from aiohttp import StreamReader, WebSocketError, WSMsgType, web
+from aiohttp import StreamReader, web
 
-from tether import codes, frames, metrics
+from tether import metrics
 from tether.config import Settings
 from tether.errors import BackplaneError, PublishError
-from tether.heartbeat import decode_ping_id
 from tether.hub import Hub, parse_topics
 from tether.idempotency import check_key
 from tether.logs import get_logger
 from tether.message import check_integers
 from tether.proxies import client_address
-from tether.registry import Connection
+from tether.stream import AiohttpPeer, ClientStream, serve
 
 log = get_logger("server")
 HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
 STATIC = resources.files("tether") / "static"
-
-
-class AiohttpPeer:
-    """One WebSocket as the hub sees it: write bytes, count buffered bytes, close.
-
-    `write`, `in_transport` and `is_closing` are the transport's own methods,
-    bound once: the heartbeat and the flush call them for every client.
-    """
-
-    __slots__ = ("_closed", "in_transport", "is_closing", "transport", "write", "ws")
-
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport) -> None:
-        self.ws = ws
-        self.transport = transport
-        self.write: Callable[[bytes], None] = transport.write
-        self.in_transport: Callable[[], int] = transport.get_write_buffer_size
-        self.is_closing: Callable[[], bool] = transport.is_closing
-        self._closed: asyncio.Future[None] | None = None
-
-    def abort(self) -> None:
-        self.transport.abort()
-
-    def pause_reading(self) -> None:
-        if not self.transport.is_closing():
-            self.transport.pause_reading()
-
-    async def close(self, code: int, reason: str, timeout: float, *, read: bool = True) -> None:
-        """Send close (RFC 6455 §7.1.2), then FIN, and linger; abort after `timeout`.
-
-        The close frame goes out after what is buffered, then FIN (§7.1.1: the
-        server closes TCP first), while the socket keeps reading until the client
-        answers with its close frame or EOF (the handler's `receive()` sees it and
-        aiohttp closes the transport). Closing a socket with unread input resets
-        it and drops what was not yet sent, so a client still sending would never
-        see its close code. A peer that does not read or answer would keep the
-        socket forever: past `timeout` the transport is aborted.
-
-        `read=False` (a client closed for flooding): reading stops first, so the
-        flood costs nothing more; the socket is aborted as soon as the kernel has
-        delivered every byte of the close frame (nothing left unacknowledged), or
-        after `timeout`.
-        """
-        loop = asyncio.get_running_loop()
-        self._closed = loop.create_future()
-        transport = self.transport
-        try:
-            async with asyncio.timeout(timeout):
-                if not transport.is_closing():
-                    if not read:
-                        transport.pause_reading()
-                    transport.write(frames.close(code, reason))
-                    transport.write_eof()
-                if read:
-                    while not transport.is_closing():  # noqa: ASYNC110 - no event for it
-                        await asyncio.sleep(0.02)
-                while transport.get_write_buffer_size() > 0 or (  # noqa: ASYNC110 - no event
-                    not read and _unacknowledged(transport)
-                ):
-                    await asyncio.sleep(0.02)
-                if not read:
-                    transport.abort()
-        except Exception:  # timeout or a broken transport: free it now
-            transport.abort()
-        finally:
-            self._closed.set_result(None)
-
-    async def wait_closed(self) -> None:
-        if self._closed is not None:
-            await asyncio.shield(self._closed)
-
-
-class ClientStream(asyncio.Protocol):
-    """Reads a client's bytes before aiohttp's protocol does, once the upgrade is done.
-
-    Installed with the public `transport.set_protocol`, it passes everything on
-    to aiohttp's protocol (`inner`) except two things:
-
-    * Whole pong frames, recognised in the header scan (the common one, a lone
-      8-byte heartbeat pong, before it): they go to the hub and no further, so a
-      pong costs no parse and no wake-up of the connection's handler task.
-    * An unmasked client frame, or a control frame whose length is not in the
-      7-bit field: a server must close the connection (RFC 6455 §5.1, §5.5)
-      with 1002 and without waiting for a close handshake (§7.1.7). aiohttp's
-      parser accepts unmasked frames and has no option for it, and it never
-      sees the pongs taken out here, so nothing from that frame on is passed
-      on, and the hub kills the connection.
-
-    It also counts the frames against the client's frame rate, and once a
-    client is closed for flooding it reads nothing more from it.
-    """
-
-    __slots__ = ("_check", "_conn", "_failed", "_hub", "_inner")
-
-    def __init__(self, inner: asyncio.BaseProtocol, hub: Hub, conn: Connection) -> None:
-        self._inner = cast(asyncio.Protocol, inner)
-        self._hub = hub
-        self._conn = conn
-        self._check = frames.MaskCheck()
-        self._failed = False
-
-    def data_received(self, data: bytes) -> None:
-        conn = self._conn
-        if self._failed or not conn.reading:
-            return  # refused or closed for flooding: nothing more is parsed
-        check = self._check
-        ping_id = check.lone_pong(data)
-        if ping_id is not None:  # the common case: one heartbeat answer, nothing else
-            self._hub.pong_id(conn, ping_id)
-            return
-        bad = check.feed(data)
-        if check.frames:
-            count, check.frames = check.frames, 0
-            if not self._hub.count_frames(conn, count):
-                return  # a frame flood: closed, and not read any further
-        limit = len(data) if bad is None else bad
-        rest: bytes = data if bad is None else data[:bad]
-        if check.pongs:
-            parts, last = [], 0
-            for start, end in check.pongs:
-                payload = frames.unmask_control(data, start, end)
-                self._hub.pong_id(conn, decode_ping_id(payload))
-                parts.append(data[last:start])
-                last = end
-            parts.append(data[last:limit])
-            rest = b"".join(parts)
-        if rest and conn.reading:
-            self._inner.data_received(rest)  # the masked frames before a bad one still count
-        if bad is not None:
-            self._failed = True
-            self._hub.kill(conn, *(check.error or codes.UNMASKED_FRAME))
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
-
-
-def _unacknowledged(transport: asyncio.Transport) -> int:
-    """Bytes the kernel holds for this socket that the peer has not acknowledged (Linux).
-
-    0 when it cannot tell: the caller then waits out its grace period instead.
-    """
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return 0
-    try:
-        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except OSError:
-        return 0
-    return int(struct.unpack("i", raw)[0])
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -314,69 +151,20 @@ class Routes:
         except ValueError as exc:
             return _error(400, str(exc))
         since = request.query.get("since", "")
-        ws = web.WebSocketResponse(
-            autoping=False,  # tether answers and measures pings itself (SPEC §4)
-            autoclose=False,  # tether answers a close itself: 1002 for an invalid code
-            compress=False,  # one pre-encoded frame for every client
-            # aiohttp refuses a message of max_msg_size bytes or more; WS_MAX_MESSAGE
-            # is the largest one allowed (SPEC §2), so the cap is one above it.
-            max_msg_size=self.settings.max_message + 1,  # over WS_MAX_MESSAGE: close 1009
-            timeout=self.settings.close_timeout_ms / 1000,
-        )
+        # aiohttp answers the upgrade; then tether reads and writes the socket
+        # itself (stream.py), so aiohttp's own ping, close and compression
+        # handling are off and its parser is never fed.
+        ws = web.WebSocketResponse(autoping=False, autoclose=False, compress=False)
         await ws.prepare(request)
         transport = request.transport
         if transport is None or transport.is_closing():
             return ws
         peer = AiohttpPeer(ws, transport)
         conn = hub.open(peer, remote, topics)
-        transport.set_protocol(ClientStream(transport.get_protocol(), hub, conn))
-        code: int | None = None
-        reason = ""
-        try:
-            if since:
-                await hub.resume_query(conn, since)
-            while True:
-                if conn.outbox.queue is not None:
-                    # Replies to what this client sent go out before its next frame
-                    # is read: a protocol error there makes aiohttp write its close
-                    # frame at once, and the replies must precede it.
-                    hub.flush_one(conn)
-                msg = await ws.receive()
-                kind = msg.type
-                if kind is WSMsgType.TEXT:
-                    hub.seen(conn)
-                    await hub.text(conn, msg.data)
-                elif kind is WSMsgType.PONG:
-                    hub.pong(conn, msg.data)
-                elif kind is WSMsgType.PING:
-                    hub.seen(conn)
-                    hub.client_ping(conn, msg.data)
-                elif kind is WSMsgType.BINARY:
-                    hub.seen(conn)
-                    await hub.binary(conn, msg.data)
-                elif kind is WSMsgType.CLOSE:
-                    code, reason = msg.data, msg.extra or ""
-                    # Answer the client's close (RFC 6455 §5.5.1): 1000, or 1002 when
-                    # its code is one no endpoint may send (§7.4). When the server
-                    # closed first, its close frame is already out and this only
-                    # closes the transport.
-                    reply, why = codes.Close.NORMAL, ""
-                    if not codes.valid_close_code(code):
-                        reply, why = codes.INVALID_CLOSE_CODE
-                        code, reason = reply, why
-                    await ws.close(code=reply, message=why.encode(), drain=False)
-                    break
-                elif kind is WSMsgType.CLOSING:
-                    await peer.wait_closed()
-                    break
-                else:  # CLOSED, ERROR
-                    if isinstance(msg.data, WebSocketError):
-                        # aiohttp sent this code (1002, 1007, 1009); ws.close_code
-                        # says 1006 because the failed parser cannot read the reply.
-                        code, reason = msg.data.code, str(msg.data)
-                    break
-        finally:
-            hub.detach(conn, code if code is not None else ws.close_code, reason)
+        stream = ClientStream(transport.get_protocol(), transport, hub, conn,
+                              self.settings.max_message)
+        transport.set_protocol(stream)
+        await serve(hub, conn, stream, peer, since)
         return ws
 
     async def event(self, request: web.Request) -> web.Response:
