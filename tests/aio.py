@@ -1,7 +1,9 @@
 """Async test helpers, one per job: wait for a condition, and POST /event.
 
-Their blocking twins live in `tests/support.py` (`wait_until`, `post_event`), with
-the same arguments and the same answers, for tests that run without an event loop.
+Their blocking twins live in `tests/support.py` (`wait_until`, `post_event`) and
+answer the same way, for tests that run without an event loop. A forgotten
+`await` fails the test: the coroutine never awaited is a warning, and pytest
+runs with warnings as errors.
 """
 
 from __future__ import annotations
