@@ -1,14 +1,15 @@
-"""Fixtures: an in-process tether on a free 127.0.0.1 port, with settings per test."""
+"""Fixtures: an in-process tether on a free 127.0.0.1 port, with settings per test, and Redis."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import orjson
 import pytest
 
+from tests.redis_server import RedisServer, running_redis
 from tether import logs
 from tether.app import Tether
 from tether.config import Settings
@@ -49,3 +50,17 @@ async def start_tether(log_capture: LogCapture) -> AsyncIterator[StartTether]:
     yield start
     for t in started:
         await t.stop("test-end")
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for a module's tests: each test uses keys of its own."""
+    with running_redis() as server:
+        yield server
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test alone: it starts empty and may be stopped and started."""
+    with running_redis() as server:
+        yield server

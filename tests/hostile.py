@@ -12,12 +12,11 @@ import asyncio
 import base64
 import os
 import socket
-import struct
 from typing import Any
 
 import orjson
 
-from tests.wsraw import Frame, encode
+from tests.wsraw import Frame, encode, read_frame_async
 
 
 def request(port: int, path: str = "/ws", headers: dict[str, str] | None = None) -> bytes:
@@ -66,17 +65,7 @@ class Raw:
         self.send(0x1, orjson.dumps(obj))
 
     async def recv(self, timeout: float = 5.0) -> Frame:
-        async def read() -> Frame:
-            b1, b2 = await self.reader.readexactly(2)
-            n = b2 & 0x7F
-            if n == 126:
-                n = struct.unpack("!H", await self.reader.readexactly(2))[0]
-            elif n == 127:
-                n = struct.unpack("!Q", await self.reader.readexactly(8))[0]
-            assert not b2 & 0x80, "a server must not mask frames (RFC 6455 §5.1)"
-            return Frame(b1 & 0x0F, await self.reader.readexactly(n), bool(b1 & 0x80))
-
-        return await asyncio.wait_for(read(), timeout)
+        return await asyncio.wait_for(read_frame_async(self.reader.readexactly), timeout)
 
     async def recv_data(self, timeout: float = 5.0) -> Frame:
         """The next text, binary or close frame (pings and pongs are skipped)."""

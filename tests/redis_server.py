@@ -16,11 +16,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.support import ROOT, free_port
+from tests.support import ROOT, free_port, wait_until
 
 
 class RedisServer:
@@ -49,15 +48,17 @@ class RedisServer:
                  *(["--requirepass", self.password] if self.password is not None else [])],
                 stdout=log, stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
                 log = (self.dir / "redis.log").read_text(errors="replace")
-                raise AssertionError(f"redis-server exited ({self.proc.returncode}):\n{log}")
-            if self.ping():
-                return self
-            time.sleep(0.01)
-        raise AssertionError(f"redis-server not ready on port {self.port} within {timeout}s")
+                raise AssertionError(f"redis-server exited ({proc.returncode}):\n{log}")
+            return self.ping()
+
+        if not wait_until(ready, timeout):
+            raise AssertionError(f"redis-server not ready on port {self.port} within {timeout}s")
+        return self
 
     def ping(self) -> bool:
         try:

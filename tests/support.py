@@ -1,4 +1,10 @@
-"""Test helpers shared by every test module: a tether server process and log reading."""
+"""Test helpers shared by every test module, one per job (`tests/aio.py` has the async ones).
+
+A tether server process and its log (`ServerProcess`), waiting for a condition
+(`wait_until`) or a listening port (`wait_listening`), HTTP to a server
+(`HttpClient`, `post_event`), and a hub peer that records what it is sent
+(`RecordingPeer`).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from http.client import HTTPConnection
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import orjson
+from multidict import CIMultiDict
+
+from tests.wsraw import frames_in
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "test-output"
@@ -78,16 +89,11 @@ class ServerProcess:
         """Wait until the port (given: PORT=0 cannot be learnt from the log) accepts."""
         self.port = int(self.env["PORT"])
         assert self.port, "a server logging only warn or error lines needs a fixed PORT"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited ({self.proc.returncode}):\n{self.text()}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), timeout=0.5):
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"port {self.port} not listening within {timeout}s")
+        assert self.proc is not None
+        try:
+            wait_listening(self.port, self.proc, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.text()}") from None
 
     def lines(self) -> list[dict[str, Any]]:
         out = []
@@ -107,17 +113,19 @@ class ServerProcess:
         return [line for line in self.lines() if line.get("message") == message]
 
     def wait_for(self, message: str, timeout: float = 10.0, count: int = 1) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.find(message)
-            if len(found) >= count:
-                return found[count - 1]
+        """The `count`-th log line with `message`, once logged (fails if the server exits)."""
+        def logged() -> bool:
+            if len(self.find(message)) >= count:
+                return True
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(
                     f"server exited ({self.proc.returncode}) before {message!r}:\n{self.text()}"
                 )
-            time.sleep(0.02)
-        raise AssertionError(f"no {message!r} within {timeout}s:\n{self.text()[-4000:]}")
+            return False
+
+        if not wait_until(logged, timeout, interval=0.02):
+            raise AssertionError(f"no {message!r} within {timeout}s:\n{self.text()[-4000:]}")
+        return self.find(message)[count - 1]
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -160,13 +168,101 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> bool:
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0, *,
+               interval: float = 0.01) -> bool:
+    """Whether `predicate` holds within `timeout` seconds, polled each `interval`.
+
+    Returns as soon as it holds; after the timeout, its last answer. Use it as
+    `assert wait_until(...), "what did not happen"`; `tests.aio.eventually` is
+    the same for async tests (and async predicates).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float,
+                   interval: float = 0.02) -> None:
+    """Until something accepts on 127.0.0.1:`port`; fails at once if `proc` exits first."""
+    def accepts() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before listening")
+        with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", port), timeout=0.5):
+            return True
+        return False
+
+    if not wait_until(accepts, timeout, interval=interval):
+        raise AssertionError(f"port {port} not listening within {timeout}s")
+
+
+class Reply(NamedTuple):
+    """A server's answer to an HTTP request: status, JSON body, headers (any case)."""
+
+    status: int
+    body: Any
+    headers: Mapping[str, str]
+
+
+class HttpClient:
+    """Blocking HTTP/1.1 to a server on one keep-alive connection.
+
+    The connection is opened again after a reply that closes it (`Connection:
+    close`), so a refused request does not end the client.
+    """
+
+    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+        url = urlsplit(base_url)
+        self.host = url.hostname or "127.0.0.1"
+        self.port = url.port or 80
+        self.timeout = timeout
+        self.conn = HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def post_event(self, event: bytes | Any, headers: Mapping[str, str] | None = None) -> Reply:
+        """POST /event: bytes as they are, anything else as JSON; the reply must be JSON."""
+        data = event if isinstance(event, bytes) else orjson.dumps(event)
+        return self.request("POST", "/event", data,
+                            {"Content-Type": "application/json", **(headers or {})})
+
+    def get_json(self, path: str) -> Any:
+        return self.request("GET", path).body
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: Mapping[str, str] | None = None) -> Reply:
+        self.conn.request(method, path, body=body, headers=dict(headers or {}))
+        r = self.conn.getresponse()
+        data = r.read()
+        if r.getheader("Connection", "").lower() == "close":
+            self.conn.close()
+            self.conn = HTTPConnection(self.host, self.port, timeout=self.timeout)
+        return Reply(r.status, json.loads(data), CIMultiDict(r.getheaders()))
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> HttpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def post_event(base_url: str, event: bytes | Any, *, headers: Mapping[str, str] | None = None,
+               timeout: float = 5.0) -> Reply:
+    """One POST /event on a connection of its own (`HttpClient.post_event`)."""
+    with HttpClient(base_url, timeout) as http:
+        return http.post_event(event, headers)
+
+
+def publish(base_url: str, event: Any) -> dict[str, Any]:
+    """`post_event` that must be accepted (202): the reply, with the event's topic and seq."""
+    reply = post_event(base_url, event)
+    assert reply.status == 202, reply
+    body: dict[str, Any] = reply.body
+    return body
 
 
 class RecordingPeer:
@@ -194,16 +290,5 @@ class RecordingPeer:
         pass
 
     def messages(self) -> list[dict[str, Any]]:
-        out = []
-        data = b"".join(self.frames)  # one write may carry several frames
-        pos = 0
-        while pos < len(data):
-            n = data[pos + 1] & 0x7F
-            head = 2
-            if n == 126:
-                n, head = int.from_bytes(data[pos + 2 : pos + 4], "big"), 4
-            elif n == 127:
-                n, head = int.from_bytes(data[pos + 2 : pos + 10], "big"), 10
-            out.append(orjson.loads(data[pos + head : pos + head + n]))
-            pos += head + n
-        return out
+        """The JSON of every frame written to it."""
+        return [orjson.loads(f.payload) for f in frames_in(b"".join(self.frames))]

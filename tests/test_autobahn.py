@@ -15,33 +15,19 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import OUTPUT, ROOT, free_port
+from tests.support import OUTPUT, ROOT, free_port, wait_listening
 
 KOSOKU = Path(sys.executable).parent / "kosoku"
 PASSING = {"OK", "NON-STRICT", "INFORMATIONAL"}
 REPORTS = OUTPUT / "autobahn"
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"echo server exited with {proc.returncode}"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port} after {timeout}s")
 
 
 def run_suite(name: str, script: str) -> tuple[dict[str, dict[str, Any]], int, str]:
@@ -59,7 +45,7 @@ def run_suite(name: str, script: str) -> tuple[dict[str, dict[str, Any]], int, s
         proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / script), str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
-            _wait_listening(port, proc)
+            wait_listening(port, proc, timeout=15.0, interval=0.05)
             run = subprocess.run(
                 [str(KOSOKU), f"ws://127.0.0.1:{port}/ws", "-x", "12.*", "-x", "13.*",
                  "-p", "1", "-o", str(outdir)],

@@ -11,15 +11,15 @@ unchanged against each.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
 
-from tests.redis_server import RedisServer, running_redis
+from tests.aio import eventually
+from tests.redis_server import RedisServer
 from tether.backplane.base import Backplane
 from tether.backplane.memory import MemoryBackplane
 from tether.backplane.redis import RedisBackplane
@@ -27,13 +27,6 @@ from tether.clock import ManualClock
 from tether.errors import PublishError, Refusal
 from tether.idempotency import DEFAULT_WINDOW_MS
 from tether.message import Message, Prepared, Priority, prepare
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    """One redis-server for this module's tests (each uses its own keys)."""
-    with running_redis() as server:
-        yield server
 
 
 class Node:
@@ -50,13 +43,13 @@ class Node:
         return [m.seq for m in self.delivered if m.topic == topic]
 
     async def wait_for(self, topic: str, count: int, timeout: float = 3.0) -> list[Message]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = [m for m in self.delivered if m.topic == topic]
-            if len(got) >= count:
-                return got
-            await asyncio.sleep(0.005)
-        raise AssertionError(f"{topic}: {len(self.seqs(topic))} of {count} delivered")
+        """The messages on `topic`, once `count` of them are delivered."""
+        def on_topic() -> list[Message]:
+            return [m for m in self.delivered if m.topic == topic]
+
+        assert await eventually(lambda: len(on_topic()) >= count, timeout, interval=0.005), \
+            f"{topic}: {len(self.seqs(topic))} of {count} delivered"
+        return on_topic()
 
 
 class Cluster(ABC):
@@ -137,10 +130,9 @@ class RedisCluster(Cluster):
             await client.aclose()
 
     async def settle(self) -> None:
-        deadline = time.monotonic() + 3
-        while any(n.backplane.state()["pending"] for n in self.nodes):
-            assert time.monotonic() < deadline, "watch not in effect within 3 s"
-            await asyncio.sleep(0.005)
+        assert await eventually(
+            lambda: not any(n.backplane.state()["pending"] for n in self.nodes), 3,
+            interval=0.005), "watch not in effect within 3 s"
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.aio import eventually
 from tests.conftest import StartTether
 from tests.support import ServerProcess, free_port
 from tether.client import (
@@ -189,7 +190,7 @@ def test_liveness_periodic_pings_even_while_messages_flow() -> None:
 
 
 class Recorder:
-    """Collects what a client reports; `wait_for` polls without fixed sleeps."""
+    """Collects what a client reports."""
 
     def __init__(self) -> None:
         self.messages: list[dict[str, Any]] = []
@@ -212,12 +213,8 @@ class Recorder:
     def count(self, state: State) -> int:
         return sum(1 for s in self.states if s.state is state)
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out; states={self.states} msgs={self.messages[-5:]}")
-            await asyncio.sleep(0.01)
+    def __repr__(self) -> str:  # what a failed `assert await eventually(...), rec` shows
+        return f"states={self.states} msgs={self.messages[-5:]}"
 
 
 def fast(rec: Recorder, url: str, **kw: Any) -> Client:
@@ -275,18 +272,20 @@ async def test_subscribe_at_runtime_and_forced_reconnect(start_tether: StartTeth
     await client.start()
     first = await client.wait_connected(5)
     await client.subscribe(["news"])
-    await rec.wait_for(lambda: "news" in t.hub.registry.get(first).topics)  # type: ignore[union-attr]
+    assert await eventually(lambda: "news" in t.hub.registry.get(first).topics), rec  # type: ignore[union-attr]
     await t.publish({"type": "n", "topic": "news"})
-    await rec.wait_for(lambda: rec.data("news") == [1])
+    assert await eventually(lambda: rec.data("news") == [1]), rec
     await client.reconnect()
-    await rec.wait_for(lambda: client.session_id != first and client.state is State.CONNECTED)
+    assert await eventually(
+        lambda: client.session_id != first and client.state is State.CONNECTED), rec
     await t.publish({"type": "n", "topic": "news"})
-    await rec.wait_for(lambda: rec.data("news") == [1, 2])  # subscribed again, no duplicate
+    # Subscribed again, no duplicate:
+    assert await eventually(lambda: rec.data("news") == [1, 2]), rec
     await client.unsubscribe(["news"])
-    await rec.wait_for(lambda: not t.hub.registry.get(client.session_id or "").topics)  # type: ignore[union-attr]
+    assert await eventually(lambda: not t.hub.registry.get(client.session_id or "").topics), rec  # type: ignore[union-attr]
     await t.publish({"type": "n", "topic": "news"})
     await t.publish({"type": "marker"})
-    await rec.wait_for(lambda: any(m["type"] == "marker" for m in rec.messages))
+    assert await eventually(lambda: any(m["type"] == "marker" for m in rec.messages)), rec
     assert rec.data("news") == [1, 2]
 
 
@@ -307,20 +306,20 @@ async def test_resume_after_a_drop_loses_nothing_and_duplicates_nothing(
     await other.wait_connected(5)
     for topic in ("a", "b"):
         await t.publish({"type": "before", "topic": topic})
-    await rec.wait_for(lambda: rec.data("a") == [1] and rec.data("b") == [1])
+    assert await eventually(lambda: rec.data("a") == [1] and rec.data("b") == [1]), rec
 
     # Drop it as the heartbeat would: registry out, transport aborted.
     conn = t.hub.registry.get(client.session_id or "")
     assert conn is not None
     t.hub.kill(conn, 1000, "Heartbeat timeout")
-    await rec.wait_for(lambda: rec.count(State.RECONNECTING) == 1)
+    assert await eventually(lambda: rec.count(State.RECONNECTING) == 1), rec
     for i in range(500):
         await t.publish({"type": "gap", "topic": "ab"[i % 2], "payload": {"i": i}})
     assert client.state is not State.CONNECTED  # really published during the gap
-    await rec.wait_for(lambda: len(rec.data("a")) == 251 and len(rec.data("b")) == 251)
+    assert await eventually(lambda: len(rec.data("a")) == 251 and len(rec.data("b")) == 251), rec
     for topic in ("a", "b"):
         await t.publish({"type": "after", "topic": topic})
-    await rec.wait_for(lambda: len(rec.data("a")) == 252 and len(rec.data("b")) == 252)
+    assert await eventually(lambda: len(rec.data("a")) == 252 and len(rec.data("b")) == 252), rec
     assert rec.data("a") == list(range(1, 253))
     assert rec.data("b") == list(range(1, 253))
     assert t.hub.stats.replayed == 500
@@ -339,20 +338,20 @@ async def test_resync_when_the_gap_is_older_than_the_history(
     await client.start()
     await client.wait_connected(5)
     await t.publish({"type": "x", "topic": "a"})
-    await rec.wait_for(lambda: rec.data("a") == [1])
+    assert await eventually(lambda: rec.data("a") == [1]), rec
     conn = t.hub.registry.get(client.session_id or "")
     assert conn is not None
     t.hub.kill(conn, 1000, "Heartbeat timeout")
-    await rec.wait_for(lambda: rec.count(State.RECONNECTING) == 1)
+    assert await eventually(lambda: rec.count(State.RECONNECTING) == 1), rec
     for _ in range(30):  # seq 2..31; only 22..31 are kept
         await t.publish({"type": "x", "topic": "a"})
-    await rec.wait_for(lambda: any(m["type"] == "resync" for m in rec.messages))
+    assert await eventually(lambda: any(m["type"] == "resync" for m in rec.messages)), rec
     resync = next(m for m in rec.messages if m["type"] == "resync")
     assert resync == {"type": "resync", "topic": "a", "seq": 31}
     assert rec.data("a") == [1]  # never a silent hole filled with part of the history
     assert client.last_seq["a"] == 31
     await t.publish({"type": "x", "topic": "a"})
-    await rec.wait_for(lambda: rec.data("a") == [1, 32])
+    assert await eventually(lambda: rec.data("a") == [1, 32]), rec
 
 
 async def test_reconnects_after_a_server_restart_and_resyncs_the_new_numbering(
@@ -366,21 +365,22 @@ async def test_reconnects_after_a_server_restart_and_resyncs_the_new_numbering(
         await client.start()
         first = await client.wait_connected(5)
         await client.publish({"type": "before"})
-        await rec.wait_for(lambda: rec.data("*") == [1])
+        assert await eventually(lambda: rec.data("*") == [1]), rec
         port = server.port
         assert await asyncio.to_thread(server.stop) == 0
-        await rec.wait_for(lambda: rec.count(State.RECONNECTING) >= 1)
+        assert await eventually(lambda: rec.count(State.RECONNECTING) >= 1), rec
         server = ServerProcess(env={"PORT": str(port)})
         await asyncio.to_thread(server.start)
-        await rec.wait_for(lambda: client.connections == 2, timeout=10)
+        assert await eventually(lambda: client.connections == 2, 10), rec
         assert client.session_id != first
         down = next(s for s in rec.states if s.state is State.RECONNECTING)
         assert down.up_for is not None and "1001" in (down.reason or "")
         # The new process numbers from 1 again: it tells the client to resync,
         # so the next message (seq 1) is not mistaken for a duplicate.
-        await rec.wait_for(lambda: {"type": "resync", "topic": "*", "seq": 0} in rec.messages)
+        resync = {"type": "resync", "topic": "*", "seq": 0}
+        assert await eventually(lambda: resync in rec.messages), rec
         await client.publish({"type": "after"})
-        await rec.wait_for(lambda: rec.data("*") == [1, 1])
+        assert await eventually(lambda: rec.data("*") == [1, 1]), rec
     finally:
         await asyncio.to_thread(server.stop)
 
@@ -395,11 +395,11 @@ async def test_watchdog_detects_a_stopped_server_and_reconnects(clients: list[Cl
         clients.append(client)
         await client.start()
         first = await client.wait_connected(5)
-        await rec.wait_for(lambda: len(rec.rtts) >= 1)  # the watchdog's ping is answered
+        assert await eventually(lambda: len(rec.rtts) >= 1), rec  # the watchdog's ping is answered
         os.kill(server.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
         stopped = True
         t0 = time.monotonic()
-        await rec.wait_for(lambda: rec.count(State.RECONNECTING) >= 1, timeout=3)
+        assert await eventually(lambda: rec.count(State.RECONNECTING) >= 1, 3), rec
         detected = time.monotonic() - t0
         assert detected < 0.2 + 0.3 + 0.4, detected  # idle + timeout + slack
         down = next(s for s in rec.states if s.state is State.RECONNECTING)
@@ -408,7 +408,7 @@ async def test_watchdog_detects_a_stopped_server_and_reconnects(clients: list[Cl
         assert client.state is not State.CONNECTED
         os.kill(server.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
         stopped = False
-        await rec.wait_for(lambda: client.connections >= 2, timeout=5)
+        assert await eventually(lambda: client.connections >= 2, 5), rec
         assert client.session_id != first
     finally:
         if stopped:

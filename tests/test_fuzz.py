@@ -3,15 +3,16 @@
 Client messages (any JSON value, protocol-shaped messages with random arguments,
 random text and binary frames of random sizes, invalid UTF-8), the `?topics=` and
 `?since=` query strings, and `POST /event` bodies. Throughout, a healthy client
-reads the broadcast topic while a ticker publishes to it. After each test: no
+reads the broadcast topic while a ticker publishes to it. Each test checks at its
+end (the `rig` fixture's teardown) that the server came through it healthy: no
 error was logged, no traceback was printed, the server's client count is back to
 the healthy client alone, and the healthy client has every message published to
-`*`, in order, exactly once.
+`*`, in order, exactly once. So each test stands alone, in any order; only the
+server process is shared, to spare a start per test.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
 import time
@@ -24,12 +25,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import ServerProcess, wait_until
+from tests.support import HttpClient, ServerProcess, wait_until
 from tests.wsraw import RawWS
 
 MAX_MESSAGE = 65_536
+# `rig` is function-scoped on purpose: its health check runs once after all of a
+# test's examples, not after each one.
 FUZZ = settings(max_examples=150, deadline=None, derandomize=False,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])
 
 
 class Published:
@@ -43,28 +47,6 @@ class Published:
         if reply.get("topic") == "*":
             with self.lock:
                 self.last = max(self.last, int(reply["seq"]))
-
-
-class Http:
-    """One keep-alive HTTP connection to the server."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-
-    def post(self, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        self.conn.request("POST", "/event", body=body,
-                          headers={"Content-Type": "application/json", **(headers or {})})
-        r = self.conn.getresponse()
-        data = r.read()
-        if r.getheader("Connection", "").lower() == "close":
-            self.conn.close()
-            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        return r.status, json.loads(data)
-
-    def get(self, path: str) -> Any:
-        self.conn.request("GET", path)
-        return json.loads(self.conn.getresponse().read())
 
 
 class Healthy(threading.Thread):
@@ -101,9 +83,9 @@ class Healthy(threading.Thread):
 class Ticker(threading.Thread):
     """Publishes a tick every 20 ms while the fuzz runs."""
 
-    def __init__(self, port: int, published: Published) -> None:
+    def __init__(self, url: str, published: Published) -> None:
         super().__init__(daemon=True)
-        self.http = Http(port)
+        self.http = HttpClient(url)
         self.published = published
         self.stop = threading.Event()
         self.count = 0
@@ -112,7 +94,7 @@ class Ticker(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stop.wait(0.02):
-                status, reply = self.http.post(b'{"type":"tick"}')
+                status, reply, _ = self.http.post_event(b'{"type":"tick"}')
                 assert status == 202, (status, reply)
                 self.published.saw(reply)
                 self.count += 1
@@ -125,23 +107,23 @@ class Rig:
         self.server = server
         self.port = server.port
         self.published = Published()
-        self.http = Http(self.port)
+        self.http = HttpClient(server.url)
         self.healthy = Healthy(self.port)
         self.healthy.ws.recv_data()  # connected
         self.healthy.start()
-        self.ticker = Ticker(self.port, self.published)
+        self.ticker = Ticker(server.url, self.published)
         self.ticker.start()
 
     def check(self) -> None:
         """The server is healthy: nothing leaked, nothing logged as an error, nothing lost."""
         assert self.server.proc is not None and self.server.proc.poll() is None
-        assert wait_until(lambda: self.http.get("/health")["clients"] == 1, 10), \
-            self.http.get("/health")
+        assert wait_until(lambda: self.http.get_json("/health")["clients"] == 1, 10), \
+            self.http.get_json("/health")
         text = self.server.text()
         assert "Traceback" not in text and "Error handling request" not in text, text[-3000:]
         errors = [line for line in self.server.lines() if line.get("level") == "error"]
         assert not errors, errors[:3]
-        status, reply = self.http.post(b'{"type":"marker"}')
+        status, reply, _ = self.http.post_event(b'{"type":"marker"}')
         assert status == 202
         self.published.saw(reply)
         last = self.published.last
@@ -153,7 +135,8 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
+def shared_rig() -> Iterator[Rig]:
+    """The server, the healthy client and the ticker, for every test of the module."""
     env = {"LOG_LEVEL": "info", "WS_MESSAGE_RATE": "1000000", "WS_PING_RATE": "100000",
            "WS_MAX_MESSAGE": str(MAX_MESSAGE), "HISTORY_SIZE": "50"}
     server = ServerProcess(env=env)
@@ -167,10 +150,18 @@ def rig() -> Iterator[Rig]:
         r.healthy.stop.set()
         r.healthy.join(5)
         r.healthy.ws.close()
-        r.ticker.http.conn.close()
-        r.http.conn.close()
+        r.ticker.http.close()
+        r.http.close()
         assert r.ticker.count > 10  # it really ran alongside the fuzz
         assert server.stop() == 0
+
+
+@pytest.fixture
+def rig(shared_rig: Rig) -> Iterator[Rig]:
+    """The shared rig, checked healthy after the test: each test answers for its own traffic."""
+    shared_rig.check()  # what an earlier test left is not blamed on this one
+    yield shared_rig
+    shared_rig.check()
 
 
 # ------------------------------------------------------------------ strategies
@@ -256,10 +247,6 @@ def test_fuzz_client_messages(rig: Rig, messages: list[tuple[int, bytes]]) -> No
         ws.close()
 
 
-def test_fuzz_client_messages_left_the_server_healthy(rig: Rig) -> None:
-    rig.check()
-
-
 @FUZZ
 @given(topics=st.none() | st.text(max_size=300), since=st.none() | st.text(max_size=300)
        | st.lists(st.tuples(topic_names, st.integers(-5, 2**70)), max_size=5).map(
@@ -283,10 +270,6 @@ def test_fuzz_query_strings(rig: Rig, topics: str | None, since: str | None) -> 
         ws.close()
 
 
-def test_fuzz_query_strings_left_the_server_healthy(rig: Rig) -> None:
-    rig.check()
-
-
 events = st.fixed_dictionaries(
     {},
     optional={"type": json_values | st.text(max_size=20), "topic": anything,
@@ -304,14 +287,10 @@ events = st.fixed_dictionaries(
         lambda n: b'{"type":"big","payload":"' + b"p" * n + b'"}'),
 ))
 def test_fuzz_post_event_bodies(rig: Rig, body: bytes) -> None:
-    status, reply = rig.http.post(body)
+    status, reply, _ = rig.http.post_event(body)
     assert status in (202, 400, 413), (status, reply)
     if status == 202:
         rig.published.saw(reply)
         assert reply["accepted"] is True and reply["seq"] >= 1
     else:
         assert reply["error"] and reply["status"] == status
-
-
-def test_fuzz_post_event_bodies_left_the_server_healthy(rig: Rig) -> None:
-    rig.check()

@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import LogCapture
 from tests.support import RecordingPeer
+from tests.wsraw import frames_in
 from tether.backplane.memory import MemoryBackplane
 from tether.clock import ManualClock
 from tether.config import Settings
@@ -44,10 +45,10 @@ class Client(RecordingPeer):
     def abort(self) -> None:
         self.aborted_at = self.clock.now()
 
-    def close_frames(self) -> list[tuple[int, str]]:
+    def close_frames(self) -> list[tuple[int | None, str]]:
         """(code, reason) of each close frame written to it."""
-        return [(int.from_bytes(f[2:4], "big"), f[4:].decode())
-                for f in self.frames if f[0] == 0x88]
+        return [(f.close_code, f.payload[2:].decode())
+                for f in frames_in(b"".join(self.frames)) if f.opcode == 0x8]
 
 
 def hub_with(clock: ManualClock, **settings: int) -> Hub:

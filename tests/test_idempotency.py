@@ -15,21 +15,19 @@ import os
 import socket
 import struct
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator
 
 import aiohttp
-import orjson
 import pytest
 from aiohttp import web
 
+from tests.aio import eventually, post_event
 from tests.conftest import LogCapture, StartTether
 from tests.hostile import open_tcp
 from tests.redis_server import running_redis
-from tests.support import ROOT
-from tests.test_redis_cluster import Client, nodes, until, watching
+from tests.support import ROOT, Reply
+from tests.test_redis_cluster import Client, nodes, watching
 from tether.client import Client as TetherClient
 from tether.clock import ManualClock
 from tether.errors import PublishError, Refusal
@@ -42,15 +40,6 @@ HEADER = "Idempotency-Key"
 
 def new_key() -> str:
     return str(uuid.uuid4())
-
-
-async def post(session: aiohttp.ClientSession, url: str, event: dict[str, Any],
-               key: str | None = None) -> tuple[int, dict[str, Any], Mapping[str, str]]:
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers[HEADER] = key
-    async with session.post(f"{url}/event", data=orjson.dumps(event), headers=headers) as r:
-        return r.status, await r.json(), r.headers
 
 
 @pytest.fixture
@@ -119,14 +108,16 @@ async def test_a_repeated_key_gets_the_same_seq_and_is_delivered_once(
     async with session.ws_connect(f"ws://127.0.0.1:{t.port}/ws?topics=a") as ws:
         assert (await ws.receive_json(timeout=5))["type"] == "connected"
         key, event = new_key(), {"type": "order", "topic": "a", "payload": {"id": 7}}
-        first = await post(session, t.url, event, key)
-        again = await post(session, t.url, event, key)
+        keyed = {HEADER: key}
+        first = await post_event(t.url, event, headers=keyed, session=session)
+        again = await post_event(t.url, event, headers=keyed, session=session)
         assert first[:2] == (202, {"accepted": True, "topic": "a", "seq": 1})
         assert again[:2] == (202, {"accepted": True, "topic": "a", "seq": 1, "duplicate": True})
         # The same key for another event: refused, nothing published.
-        other = await post(session, t.url, {**event, "payload": {"id": 8}}, key)
+        other = await post_event(t.url, {**event, "payload": {"id": 8}}, headers=keyed,
+                                 session=session)
         assert other[0] == 422 and "different event" in other[1]["error"]
-        assert (await post(session, t.url, event))[1]["seq"] == 2  # no key: a new message
+        assert (await post_event(t.url, event, session=session)).body["seq"] == 2  # no key: new
         # The Python API takes a key too.
         assert (await t.publish(event, key=key)).duplicate
         with pytest.raises(PublishError):
@@ -147,7 +138,8 @@ async def test_a_bad_key_is_a_400_and_publishes_nothing(
 ) -> None:
     t = await start_tether()
     for key in ("", "k" * (MAX_KEY_LENGTH + 1), "tab\there"):
-        status, body, _ = await post(session, t.url, {"type": "x"}, key)
+        status, body, _ = await post_event(t.url, {"type": "x"}, headers={HEADER: key},
+                                           session=session)
         assert status == 400 and HEADER in body["error"], (key, body)
     assert await raw_post(t.port, "Idempotency-Key: caf\u00e9\r\n".encode()) == 400
     assert await raw_post(t.port, b"Idempotency-Key: a\r\nIdempotency-Key: a\r\n") == 400
@@ -165,39 +157,49 @@ async def test_a_key_retried_across_a_redis_kill_9_is_delivered_once_on_every_no
         clients = [await Client(session, node, "topics=o").connect() for node in (a, b)]
         await watching(session, [a, b], 2)
         k1, e1 = new_key(), {"type": "n", "topic": "o", "i": 1}
-        assert (await post(session, a.url, e1, k1))[:2] == (
+        assert (await post_event(a.url, e1, headers={HEADER: k1}, session=session))[:2] == (
             202, {"accepted": True, "topic": "o", "seq": 1})
-        await until(lambda: all(len(c.messages("o")) == 1 for c in clients), 5, "delivery")
+        assert await eventually(lambda: all(len(c.messages("o")) == 1 for c in clients), 5), \
+            "delivery"
 
         await asyncio.to_thread(redis.kill)  # kill -9: Redis and every key in it are gone
         for node in (a, b):
-            await until(lambda n=node: bool(n.find("Redis connection lost")), 10, "noticed")
+            assert await eventually(lambda n=node: bool(n.find("Redis connection lost")), 10), \
+                "noticed"
         # Both nodes delivered k1: they answer its repeat from memory, even now.
         dup = {"accepted": True, "topic": "o", "seq": 1, "duplicate": True}
         for node in (a, b):
-            assert (await post(session, node.url, e1, k1))[:2] == (202, dup)
+            again = await post_event(node.url, e1, headers={HEADER: k1}, session=session)
+            assert again[:2] == (202, dup)
         # A new publish cannot be made: 503, and the body says what to do, not where Redis is.
         k2, e2 = new_key(), {"type": "n", "topic": "o", "i": 2}
-        status, body, headers = await post(session, a.url, e2, k2)
+        status, body, headers = await post_event(a.url, e2, headers={HEADER: k2}, session=session)
         assert (status, body, headers.get("Retry-After")) == (503, UNAVAILABLE, "1")
         assert str(redis.port) not in json.dumps(body)
         failed = a.find("Publish failed, backplane unavailable")[-1]
         assert failed["level"] == "warn" and failed["data"]["outcome"] == "not published"
 
         await asyncio.to_thread(redis.start)  # same port, same dir; empty (no persistence)
-        deadline = time.monotonic() + 15
-        while (answer := await post(session, a.url, e2, k2))[0] != 202:  # retry, same key
-            assert answer[:2] == (503, UNAVAILABLE)
-            assert time.monotonic() < deadline, "Redis not back within 15 s"
-            await asyncio.sleep(0.1)
-        assert answer[1] == {"accepted": True, "topic": "o", "seq": 1}  # numbering restarted
+        answers: list[Reply] = []
+
+        async def published() -> bool:  # retry, same key
+            answers.append(await post_event(a.url, e2, headers={HEADER: k2}, session=session))
+            if answers[-1].status == 202:
+                return True
+            assert answers[-1][:2] == (503, UNAVAILABLE)
+            return False
+
+        assert await eventually(published, 15, interval=0.1), "Redis not back within 15 s"
+        assert answers[-1].body == {"accepted": True, "topic": "o", "seq": 1}  # renumbered
         for node in (b, a):
-            assert (await post(session, node.url, e2, k2))[1]["duplicate"] is True
-            assert (await post(session, node.url, e1, k1))[:2] == (202, dup)
+            again = await post_event(node.url, e2, headers={HEADER: k2}, session=session)
+            assert again.body["duplicate"] is True
+            again = await post_event(node.url, e1, headers={HEADER: k1}, session=session)
+            assert again[:2] == (202, dup)
         marker = {"type": "marker", "topic": "o"}
-        assert (await post(session, b.url, marker))[0] == 202
-        await until(lambda: all(any(m["type"] == "marker" for m in c.messages("o"))
-                                for c in clients), 10, "marker")
+        assert (await post_event(b.url, marker, session=session)).status == 202
+        assert await eventually(lambda: all(any(m["type"] == "marker" for m in c.messages("o"))
+                                            for c in clients), 10), "marker"
         for c in clients:
             got = [m.get("i") for m in c.messages("o") if m["type"] == "n"]
             assert sorted(got) == [1, 2], f"node {c.node.port}: {got}"
@@ -296,17 +298,17 @@ async def test_a_publish_whose_reply_was_lost_is_a_503_and_its_retry_a_duplicate
             b = await start_tether(redis_url=redis.url)
             async with session.ws_connect(f"ws://127.0.0.1:{b.port}/ws?topics=u") as ws:
                 assert (await ws.receive_json(timeout=5))["type"] == "connected"
-                for _ in range(100):
-                    if b.backplane.state()["pending"] == 0 and b.backplane.state()["watched"] == 2:
-                        break
-                    await asyncio.sleep(0.02)
-                warm = await post(session, a.url, {"type": "warm", "topic": "u"}, new_key())
+                assert await eventually(lambda: b.backplane.state()["pending"] == 0
+                                        and b.backplane.state()["watched"] == 2, 2, interval=0.02)
+                warm = await post_event(a.url, {"type": "warm", "topic": "u"},
+                                        headers={HEADER: new_key()}, session=session)
                 assert warm[:2] == (202, {"accepted": True, "topic": "u", "seq": 1})
                 assert (await ws.receive_json(timeout=5))["type"] == "warm"
 
                 proxy.armed = True
                 key, event = new_key(), {"type": "order", "topic": "u", "i": 1}
-                status, body, _ = await post(session, a.url, event, key)
+                keyed = {HEADER: key}
+                status, body, _ = await post_event(a.url, event, headers=keyed, session=session)
                 assert (status, body, proxy.lost) == (503, UNAVAILABLE, 1)
                 failed = log_capture.find("Publish failed, backplane unavailable")[-1]
                 assert failed["data"]["outcome"] == "unknown" and failed["data"]["key"] is True
@@ -314,16 +316,19 @@ async def test_a_publish_whose_reply_was_lost_is_a_503_and_its_retry_a_duplicate
                 delivered = await ws.receive_json(timeout=5)
                 assert (delivered["type"], delivered["seq"]) == ("order", 2)
 
-                retried = await post(session, a.url, event, key)  # answered by Redis
+                # Answered by Redis:
+                retried = await post_event(a.url, event, headers=keyed, session=session)
                 assert retried[:2] == (202, {"accepted": True, "topic": "u", "seq": 2,
                                              "duplicate": True})
-                assert (await post(session, b.url, event, key))[1]["duplicate"] is True
+                again = await post_event(b.url, event, headers=keyed, session=session)
+                assert again.body["duplicate"] is True
 
                 # Without a key, the lost reply is still a 503 and the library does not send
                 # the script again behind our back: published once, not twice.
                 proxy.armed = True
-                assert (await post(session, a.url, {"type": "keyless", "topic": "u"}))[0] == 503
-                assert (await post(session, a.url, {"type": "marker", "topic": "u"}))[0] == 202
+                for kind, status in (("keyless", 503), ("marker", 202)):
+                    event = {"type": kind, "topic": "u"}
+                    assert (await post_event(a.url, event, session=session)).status == status
                 got = [await ws.receive_json(timeout=5) for _ in range(2)]
                 assert [(m["type"], m["seq"]) for m in got] == [("keyless", 3), ("marker", 4)]
                 with pytest.raises(asyncio.TimeoutError):

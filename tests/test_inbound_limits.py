@@ -13,7 +13,6 @@ import statistics
 import subprocess
 import sys
 import tracemalloc
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -21,9 +20,10 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.aio import eventually, post_event
 from tests.conftest import LogCapture, StartTether
 from tests.hostile import Raw
-from tests.redis_server import RedisServer, running_redis
+from tests.redis_server import RedisServer
 from tests.support import ROOT, ServerProcess
 from tether.codes import valid_close_code
 from tether.inbound import MAX_SEQ, parse_seq, parse_since
@@ -132,39 +132,22 @@ async def test_a_resume_flood_leaves_topics_and_memory_bounded(start_tether: Sta
         # would be several MB).
         assert grown < 1_000_000, grown
         ws.close()
-        assert await _until(lambda: len(t.hub.registry) == 0)
+        assert await eventually(lambda: len(t.hub.registry) == 0)
         assert t.hub.registry.topics() == {}
     finally:
         tracemalloc.stop()
 
 
-async def _until(predicate: Any, timeout: float = 5.0) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.01)
-    return bool(predicate())
-
-
 # ------------------------------------------------------------------ since, with Redis
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A redis-server of this test alone (topics start from seq 1)."""
-    with running_redis() as server:
-        yield server
 
 
 @pytest.mark.redis
 @pytest.mark.parametrize("since", ["99999999999999999999999", "18446744073709551615", "1_000",
                                    "١٢", "-1", "9223372036854775808"])
 async def test_a_bad_since_gets_a_clear_error_and_a_working_connection(
-    redis_server: RedisServer, start_tether: StartTether, log_capture: LogCapture, since: str
+    private_redis: RedisServer, start_tether: StartTether, log_capture: LogCapture, since: str
 ) -> None:
-    t = await start_tether(redis_url=redis_server.url, heartbeat_interval_ms=0)
+    t = await start_tether(redis_url=private_redis.url, heartbeat_interval_ms=0)
     await t.publish({"type": "before", "topic": "a"})
     ws = await Raw.connect(t.port, f"/ws?topics=b&since=a:{quote(since)}")
     assert ws.status == 101
@@ -205,8 +188,8 @@ async def _latencies(base: str, ws_url: str, seconds: float) -> list[float]:
         i = 0
         while loop.time() < until:
             sent = loop.time()
-            async with session.post(f"{base}/event", json={"type": "probe", "payload": i}) as r:
-                assert r.status == 202, await r.text()
+            reply = await post_event(base, {"type": "probe", "payload": i}, session=session)
+            assert reply.status == 202, reply.body
             for ws in clients:
                 msg = await ws.receive_json(timeout=5)
                 assert msg["payload"] == i
@@ -327,7 +310,7 @@ async def test_a_close_code_no_endpoint_may_send_is_answered_1002(
     assert await ws.closed_by_server()
     # Logged when the socket is gone (at once after a clean close; after a short
     # grace when the client broke the protocol and does not close its side).
-    assert await _until(lambda: log_capture.find("WebSocket client disconnected"))
+    assert await eventually(lambda: bool(log_capture.find("WebSocket client disconnected")))
     line = log_capture.find("WebSocket client disconnected")[-1]
     assert line["data"]["code"] == (1002 if answer == 1002 else (sent or 1005))
     assert len(t.hub.registry) == 0
@@ -350,7 +333,7 @@ async def test_one_address_cannot_take_every_slot(
     line = log_capture.find("Connection refused, address limit reached")[0]
     assert line["data"] == {"limit": 3, "remote": "127.0.0.1"}
     held[0].close()
-    assert await _until(lambda: len(t.hub.registry) == 2)
+    assert await eventually(lambda: len(t.hub.registry) == 2)
     again = await Raw.connect(t.port)
     assert again.status == 101
     for ws in (*held[1:], again):

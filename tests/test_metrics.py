@@ -8,11 +8,13 @@ each step, reading the page with `prometheus_client.parser`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.aio import eventually
 from tests.conftest import StartTether
 from tests.hostile import Raw
 from tether.app import Tether
@@ -59,16 +61,19 @@ def v(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
-async def until(t: Tether, check: Any, timeout: float = 5.0) -> Samples:
+async def scrape_until(t: Tether, check: Callable[[Samples], bool],
+                       timeout: float = 5.0) -> Samples:
     """Scrape until `check(samples)` holds (the heartbeat and closes are asynchronous)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
+    samples: Samples = {}
+
+    async def holds() -> bool:
+        nonlocal samples
         samples = await scrape(t)
-        if check(samples) or loop.time() > deadline:
-            assert check(samples), {k: x for k, x in samples.items() if not k[1]}
-            return samples
-        await asyncio.sleep(0.05)
+        return check(samples)
+
+    assert await eventually(holds, timeout, interval=0.05), \
+        {k: x for k, x in samples.items() if not k[1]}
+    return samples
 
 
 async def test_metrics_parse_and_move_as_the_hub_works(start_tether: StartTether) -> None:
@@ -92,7 +97,7 @@ async def test_metrics_parse_and_move_as_the_hub_works(start_tether: StartTether
         clients = [Reader(await s.ws_connect(f"ws://127.0.0.1:{t.port}/ws")) for _ in range(2)]
         for ws in clients:
             await ws.receive_json()
-        m = await until(t, lambda m: v(m, "tether_rtt_seconds_count") >= 4)
+        m = await scrape_until(t, lambda m: v(m, "tether_rtt_seconds_count") >= 4)
         assert v(m, "tether_connections") == 2
         assert v(m, "tether_connections_opened_total") == 2
         assert v(m, "tether_heartbeat_pings_sent_total") >= 4
@@ -117,7 +122,7 @@ async def test_metrics_parse_and_move_as_the_hub_works(start_tether: StartTether
         # Stale: a client that never answers pings is closed within (K+1)·I.
         silent = await Raw.connect(t.port)
         await silent.recv_json()
-        m = await until(t, lambda m: v(m, "tether_heartbeat_stale_closed_total") == 1)
+        m = await scrape_until(t, lambda m: v(m, "tether_heartbeat_stale_closed_total") == 1)
         assert v(m, "tether_connections") == 2
 
         # Rate limited, then closed for abuse; a bad message counted as a client error.
@@ -127,7 +132,7 @@ async def test_metrics_parse_and_move_as_the_hub_works(start_tether: StartTether
         for i in range(30):
             flood.send_json({"type": "ping", "id": i})
         assert (await flood.close_code())[0] == 1008
-        m = await until(t, lambda m: v(m, "tether_abuse_closed_total") == 1)
+        m = await scrape_until(t, lambda m: v(m, "tether_abuse_closed_total") == 1)
         assert v(m, "tether_rate_limited_total") >= 5
         assert v(m, "tether_client_errors_total") >= 2  # the bad JSON and the rate error
 
@@ -140,7 +145,7 @@ async def test_metrics_parse_and_move_as_the_hub_works(start_tether: StartTether
         async with s.ws_connect(f"ws://127.0.0.1:{t.port}/ws?since=news:1") as ws:
             await ws.receive_json()
             assert (await ws.receive_json())["type"] == "resync"
-        m = await until(t, lambda m: v(m, "tether_connections") == 2)
+        m = await scrape_until(t, lambda m: v(m, "tether_connections") == 2)
         assert v(m, "tether_resumes_total") == 2
         assert v(m, "tether_resyncs_total") == 1
         assert v(m, "tether_replayed_total") == 2
@@ -148,7 +153,7 @@ async def test_metrics_parse_and_move_as_the_hub_works(start_tether: StartTether
             await ws.close()
     for raw in (silent, flood):
         raw.close()
-    m = await until(t, lambda m: v(m, "tether_connections") == 0)
+    m = await scrape_until(t, lambda m: v(m, "tether_connections") == 0)
     assert v(m, "tether_connections_opened_total") == 6
 
 
@@ -178,8 +183,8 @@ async def test_metrics_show_paused_skipped_and_slow_closed_clients(
             await reader.receive_json()
             if t.hub.stats.slow_closed:
                 break
-        m = await until(t, lambda m: v(m, "tether_slow_closed_total") == 1)
-        m = await until(t, lambda m: v(m, "tether_connections") == 1)
+        m = await scrape_until(t, lambda m: v(m, "tether_slow_closed_total") == 1)
+        m = await scrape_until(t, lambda m: v(m, "tether_connections") == 1)
         assert v(m, "tether_paused_clients") == 0
         assert v(m, "tether_messages_delivered_total", priority="low") >= 11
         await reader.close()

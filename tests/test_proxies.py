@@ -6,11 +6,10 @@ sockets: the address `/api/connections` and the log lines show.
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 import pytest
 
+from tests.aio import eventually
 from tests.conftest import LogCapture, StartTether
 from tether import config
 from tether.errors import ConfigError
@@ -165,12 +164,8 @@ async def remotes(port: int) -> list[str]:
     return sorted(c["remote"] for c in body["connections"])
 
 
-async def wait_no_clients(port: int) -> bool:
-    for _ in range(100):
-        if not await remotes(port):
-            return True
-        await asyncio.sleep(0.02)
-    return False
+async def no_clients(port: int) -> bool:
+    return not await remotes(port)
 
 
 async def test_server_believes_x_forwarded_for_only_from_a_trusted_proxy(
@@ -221,7 +216,7 @@ async def test_refusal_log_lines_name_the_forwarded_client(
         assert ws is not None
         await ws.close()
         await session.close()
-        assert await wait_no_clients(t.port)
+        assert await eventually(lambda: no_clients(t.port), 2, interval=0.02)
         for source in ("127.0.0.1", "127.0.0.5"):
             s, _, status, _ = await open_ws(t.port, source, "198.51.100.9",
                                          origin="https://evil.example")

@@ -33,8 +33,9 @@ import aiohttp
 import pytest
 from playwright.sync_api import Page
 
+from tests.aio import eventually, post_event
 from tests.browser.conftest import browser, page  # noqa: F401 - the Chromium fixtures
-from tests.support import ROOT, ServerProcess, free_port, wait_until
+from tests.support import ROOT, ServerProcess, free_port, publish, wait_until
 from tests.test_proxies import open_ws
 
 pytestmark = pytest.mark.nginx
@@ -166,15 +167,6 @@ def silent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
 
 
-def post(base_url: str, event: dict[str, Any]) -> int:
-    """POST /event (through the proxy); returns the seq."""
-    req = urllib.request.Request(f"{base_url}/event", data=json.dumps(event).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=5) as res:
-        assert res.status == 202
-        return int(json.loads(res.read())["seq"])
-
-
 def session_lines(server: ServerProcess, message: str, session: str) -> list[dict[str, Any]]:
     return [x for x in server.find(message) if x["data"].get("sessionId") == session]
 
@@ -197,8 +189,8 @@ async def test_heartbeat_keeps_a_silent_websocket_open_through_nginx(beat: Stack
             # The pings did it: tether measured this client's pongs all along.
             assert len(session_lines(beat.server, "Received pong", session)) >= 10
             # And the connection still carries messages both ways.
-            await asyncio.to_thread(post, beat.proxy.url, {"type": "still-there"})
-            assert await asyncio.to_thread(wait_until, lambda: bool(got), 3)
+            assert (await post_event(beat.proxy.url, {"type": "still-there"})).status == 202
+            assert await eventually(lambda: bool(got), 3)
             assert json.loads(got[0].data)["type"] == "still-there"
             assert not session_lines(beat.server, "WebSocket client disconnected", session)
         finally:
@@ -219,8 +211,8 @@ async def test_without_heartbeat_nginx_cuts_a_silent_websocket_at_read_timeout(
         assert ws.close_code == 1006  # a TCP close with no close frame: the proxy, not tether
         assert 0.9 * READ_TIMEOUT <= cut_after <= 1.5 * READ_TIMEOUT, cut_after
     # nginx closed its side to tether too, and tether freed the connection.
-    assert await asyncio.to_thread(
-        wait_until, lambda: session_lines(silent.server, "WebSocket client disconnected", session),
+    assert await eventually(
+        lambda: bool(session_lines(silent.server, "WebSocket client disconnected", session)),
         3), silent.server.text()[-3000:]
 
 
@@ -297,17 +289,20 @@ def test_browser_client_resumes_through_nginx_after_the_cut(page: Page, silent: 
             "(n) => window.got.filter((m) => m.topic === 'proxied').length >= n", arg=n,
             timeout=5000)
 
-    seqs = [post(silent.proxy.url, {"type": "before", "topic": "proxied"}) for _ in range(3)]
+    def seq_of(kind: str) -> int:
+        return int(publish(silent.proxy.url, {"type": kind, "topic": "proxied"})["seq"])
+
+    seqs = [seq_of("before") for _ in range(3)]
     wait_got(3)
     # Silence now: nginx cuts the WebSocket READ_TIMEOUT (less NGINX_LAZY) after it.
     page.wait_for_function("window.client.state === 'reconnecting'",
                            timeout=(READ_TIMEOUT * 2 + 1) * 1000)
-    seqs += [post(silent.proxy.url, {"type": "gap", "topic": "proxied"}) for _ in range(3)]
+    seqs += [seq_of("gap") for _ in range(3)]
     assert page.evaluate("window.client.state") == "reconnecting"  # published in the gap
     page.wait_for_function(
         "(old) => window.client.state === 'connected' && window.client.sessionId !== old",
         arg=first, timeout=5000)
-    seqs += [post(silent.proxy.url, {"type": "after", "topic": "proxied"}) for _ in range(3)]
+    seqs += [seq_of("after") for _ in range(3)]
     wait_got(9)
     time.sleep(0.2)  # a duplicate would arrive right behind
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import Callable, Iterator
 
 import pytest
 import redis.asyncio as aioredis
 
-from tests.redis_server import RedisServer, running_redis, serve_without_redis
+from tests.aio import eventually
+from tests.redis_server import RedisServer, serve_without_redis
 from tests.support import free_port
 from tether.backplane.redis import PUBLISH_LUA, RedisBackplane
 from tether.errors import BackplaneError
@@ -18,27 +17,6 @@ from tether.message import Message, prepare
 from tether.redact import redact_url as redact
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    """One redis-server for this module's tests (each uses its own keys)."""
-    with running_redis() as server:
-        yield server
-
-
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test alone: it may be stopped and started again."""
-    with running_redis() as server:
-        yield server
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def event(topic: str, i: int = 0) -> object:
@@ -82,26 +60,27 @@ async def test_outage_publish_fails_node_recovers_and_renumbers(
     await node.start(got.append)
     try:
         node.watch({"t"})
-        await until(lambda: node.state()["pending"] == 0)
+        assert await eventually(lambda: node.state()["pending"] == 0)
         for i in range(3):
             await node.publish(prepare(event("t", i)))
-        await until(lambda: len(got) == 3)
+        assert await eventually(lambda: len(got) == 3)
 
         await asyncio.to_thread(private_redis.stop)
-        await until(lambda: node.state()["status"] == "down")
+        assert await eventually(lambda: node.state()["status"] == "down")
         with pytest.raises(BackplaneError, match="Redis unavailable"):
             await node.publish(prepare(event("t")))
         replay = await node.since("t", 2)  # no history without Redis: resync
         assert replay.resync and replay.last == 2
 
         await asyncio.to_thread(private_redis.start)  # empty: it had no persistence
-        await until(lambda: node.state()["status"] == "up", timeout=8)
+        assert await eventually(lambda: node.state()["status"] == "up", timeout=8)
         assert node.state()["outages"] == 1
         # Every watched topic gets a renumbering notice (empty data, seq 0) ...
-        await until(lambda: {(m.topic, m.seq) for m in got if not m.data} == {("t", 0), ("*", 0)})
+        assert await eventually(
+            lambda: {(m.topic, m.seq) for m in got if not m.data} == {("t", 0), ("*", 0)})
         message = await node.publish(prepare(event("t", 9)))
         assert message.seq == 1  # ... because the numbering restarted
-        await until(lambda: got[-1].seq == 1 and got[-1].data == message.data)
+        assert await eventually(lambda: got[-1].seq == 1 and got[-1].data == message.data)
     finally:
         await node.stop()
 
@@ -118,7 +97,7 @@ class CutOffNode:
     async def __aenter__(self) -> CutOffNode:
         await self.node.start(self.got.append)
         self.node.watch({"t"})
-        await until(lambda: self.node.state()["pending"] == 0)
+        assert await eventually(lambda: self.node.state()["pending"] == 0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -144,10 +123,10 @@ async def test_messages_trimmed_while_away_become_a_resync_notice(
     async with CutOffNode(redis_server) as c:
         for i in range(3):
             await c.node.publish(prepare(event("t", i)))
-        await until(lambda: len(c.got) == 3)
+        assert await eventually(lambda: len(c.got) == 3)
         # Cut the node off, publish 5 more and trim the stream to 2 before it is back.
         await c.cut_off_and_publish(5, trim_to=2)
-        await until(lambda: len(c.got) >= 6)
+        assert await eventually(lambda: len(c.got) >= 6)
         assert [(m.seq, bool(m.data)) for m in c.got] == [
             (1, True), (2, True), (3, True), (6, False), (7, True), (8, True)]
         assert c.node.state()["resyncs"] == 1
@@ -163,10 +142,10 @@ async def test_a_url_redis_cannot_use_is_a_clear_error() -> None:
 async def test_reader_resumes_after_the_last_seq_it_delivered(redis_server: RedisServer) -> None:
     async with CutOffNode(redis_server) as c:
         await c.node.publish(prepare(event("t", 0)))
-        await until(lambda: len(c.got) == 1)
+        assert await eventually(lambda: len(c.got) == 1)
         # Cut the node's connections and publish while it is away: nothing is lost.
         await c.cut_off_and_publish(4)
-        await until(lambda: len(c.got) == 5)
+        assert await eventually(lambda: len(c.got) == 5)
         assert [m.seq for m in c.got] == [1, 2, 3, 4, 5] and all(m.data for m in c.got)
         assert c.node.state()["resyncs"] == 0
 
@@ -191,14 +170,14 @@ async def test_after_redis_lost_its_data_nodes_answer_repeats_they_published_or_
     await stranger.start(lambda m: None)
     try:
         reader.watch({"t"})
-        await until(lambda: reader.state()["pending"] == 0)
+        assert await eventually(lambda: reader.state()["pending"] == 0)
         await publisher.publish(prepare(event("t", 0)))
         original = await publisher.publish(prepare(event("t", 1)), "k-1")
         assert (original.seq, original.duplicate) == (2, False)
-        await until(lambda: [m.seq for m in got] == [1, 2])
+        assert await eventually(lambda: [m.seq for m in got] == [1, 2])
 
         await asyncio.to_thread(private_redis.kill)  # kill -9: the keys are gone with it
-        await until(lambda: reader.state()["status"] == "down")
+        assert await eventually(lambda: reader.state()["status"] == "down")
         # While Redis is down, a repeat is still answered from the node's memory ...
         repeat = await reader.publish(prepare(event("t", 1)), "k-1")
         assert (repeat.seq, repeat.duplicate) == (2, True)
@@ -209,7 +188,7 @@ async def test_after_redis_lost_its_data_nodes_answer_repeats_they_published_or_
 
         await asyncio.to_thread(private_redis.start)  # empty: numbering restarts
         for node in (reader, publisher, stranger):
-            await until(lambda n=node: n.state()["status"] == "up", timeout=8)
+            assert await eventually(lambda n=node: n.state()["status"] == "up", timeout=8)
         for node in (reader, publisher):
             again = await node.publish(prepare(event("t", 1)), "k-1")
             assert (again.topic, again.seq, again.duplicate) == ("t", 2, True)

@@ -15,17 +15,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.aio import eventually, post_event
 from tests.redis_server import RedisServer, running_redis, serve_without_redis
 from tests.support import ServerProcess
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    """One redis-server for this module's tests (each uses its own keys)."""
-    with running_redis() as server:
-        yield server
 
 
 class Client:
@@ -66,13 +60,6 @@ class Client:
             await self._task
 
 
-async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        await asyncio.sleep(0.02)
-
-
 async def health(session: aiohttp.ClientSession, node: ServerProcess) -> dict[str, Any]:
     async with session.get(f"{node.url}/health") as r:
         body: dict[str, Any] = await r.json()
@@ -81,20 +68,19 @@ async def health(session: aiohttp.ClientSession, node: ServerProcess) -> dict[st
 
 async def watching(session: aiohttp.ClientSession, nodes: list[ServerProcess], count: int) -> None:
     """Until every node reads `count` topic streams (its subscriptions are in effect)."""
-    deadline = time.monotonic() + 5
-    for node in nodes:
-        while True:
-            bp = (await health(session, node))["backplane"]
-            if bp["pending"] == 0 and bp["watched"] >= count:
-                break
-            assert time.monotonic() < deadline, f"node {node.port} watches {bp}"
-            await asyncio.sleep(0.02)
+    waiting = list(nodes)
+    seen: dict[str, Any] = {}
 
+    async def in_effect() -> bool:
+        while waiting:
+            bp = (await health(session, waiting[0]))["backplane"]
+            if bp["pending"] != 0 or bp["watched"] < count:
+                seen.update(port=waiting[0].port, backplane=bp)
+                return False
+            waiting.pop(0)
+        return True
 
-async def post(session: aiohttp.ClientSession, node: ServerProcess, event: dict[str, Any]
-               ) -> tuple[int, dict[str, Any]]:
-    async with session.post(f"{node.url}/event", json=event) as r:
-        return r.status, await r.json()
+    assert await eventually(in_effect, 5, interval=0.02), seen
 
 
 @contextlib.contextmanager
@@ -140,7 +126,8 @@ async def test_three_nodes_deliver_1000_messages_exactly_once_in_order(
 
         async def send(node: ServerProcess, topic: str, i: int) -> None:
             async with sem:
-                status, body = await post(session, node, {"type": "n", "topic": topic, "i": i})
+                status, body, _ = await post_event(node.url, {"type": "n", "topic": topic, "i": i},
+                                                   session=session)
             assert status == 202, body
             accepted[topic] += 1
 
@@ -150,7 +137,8 @@ async def test_three_nodes_deliver_1000_messages_exactly_once_in_order(
         def wanted(c: Client) -> int:
             return sum(accepted[t] for t in (["a", "b", "*"] if "a,b" in c.query else ["c", "*"]))
 
-        await until(lambda: all(len(c.got) >= wanted(c) for c in clients), 20, "delivery")
+        assert await eventually(lambda: all(len(c.got) >= wanted(c) for c in clients), 20), \
+            "delivery"
         await asyncio.sleep(0.2)  # and nothing more (no duplicates)
         for c in clients:
             assert len(c.got) == wanted(c)
@@ -167,8 +155,9 @@ async def test_client_cut_off_on_one_node_resumes_on_another(
         client = await Client(session, a, "topics=r").connect()
         await watching(session, [a], 2)
         for i in range(10):
-            assert (await post(session, c, {"type": "n", "topic": "r", "i": i}))[0] == 202
-        await until(lambda: len(client.messages("r")) == 10, 5, "first 10")
+            reply = await post_event(c.url, {"type": "n", "topic": "r", "i": i}, session=session)
+            assert reply.status == 202
+        assert await eventually(lambda: len(client.messages("r")) == 10, 5), "first 10"
         assert client.ws is not None
         client.ws._response.connection.transport.abort()  # type: ignore[union-attr]  # cut off
         await client.close()
@@ -179,7 +168,8 @@ async def test_client_cut_off_on_one_node_resumes_on_another(
             sent = 0
             for i in range(60):
                 node = (a, b, c)[i % 3]
-                assert (await post(session, node, {"type": "n", "topic": "r", "i": i}))[0] == 202
+                event = {"type": "n", "topic": "r", "i": i}
+                assert (await post_event(node.url, event, session=session)).status == 202
                 sent += 1
                 await asyncio.sleep(0.005)
             return sent
@@ -190,7 +180,7 @@ async def test_client_cut_off_on_one_node_resumes_on_another(
         resumed = await Client(session, b, f"since=r:{last}").connect()
         sent = await task
         total = 10 + sent
-        await until(lambda: len(resumed.messages("r")) >= total - last, 10, "resume")
+        assert await eventually(lambda: len(resumed.messages("r")) >= total - last, 10), "resume"
         await asyncio.sleep(0.1)
         seqs = [m["seq"] for m in client.messages("r") + resumed.messages("r")]
         assert seqs == list(range(1, total + 1))
@@ -220,15 +210,19 @@ async def test_workers_share_one_port_and_all_get_a_publish(
         assert set(seen) == pids, seen
         assert all(n > 0 for n in seen.values()) and sum(seen.values()) == 24, seen
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-            deadline = time.monotonic() + 5
             ok: set[int] = set()
-            while ok != pids:  # both processes read topic w
+
+            async def both_read_w() -> bool:  # each ask reaches one process or the other
                 h = await health(s, server)
                 if h["backplane"]["pending"] == 0 and h["backplane"]["watched"] == 2:
                     ok.add(h["pid"])
-                assert time.monotonic() < deadline
-        assert (await post(session, server, {"type": "n", "topic": "w"}))[0] == 202
-        await until(lambda: all(len(c.messages("w")) == 1 for c in clients), 5, "fan-out")
+                return ok == pids
+
+            assert await eventually(both_read_w, 5, interval=0), ok
+        reply = await post_event(server.url, {"type": "n", "topic": "w"}, session=session)
+        assert reply.status == 202
+        assert await eventually(lambda: all(len(c.messages("w")) == 1 for c in clients), 5), \
+            "fan-out"
         for c in clients:
             await c.close()
     finally:
@@ -267,7 +261,8 @@ async def test_redis_outage_no_node_exits_no_client_closed_nothing_lost_silently
             nonlocal refused
             i = 0
             while not stop.is_set():
-                status, _ = await post(session, procs[i % 3], {"type": "n", "topic": "o", "i": i})
+                event = {"type": "n", "topic": "o", "i": i}
+                status, _, _ = await post_event(procs[i % 3].url, event, session=session)
                 if status == 202:
                     accepted.append((time.monotonic(), i))
                 else:
@@ -279,14 +274,15 @@ async def test_redis_outage_no_node_exits_no_client_closed_nothing_lost_silently
         task = asyncio.create_task(publisher())
         await asyncio.sleep(0.5)
         await asyncio.to_thread(redis.stop)
-        await until(lambda: refused > 0, 5, "a refused publish")
+        assert await eventually(lambda: refused > 0, 5), "a refused publish"
         down = (await health(session, procs[0]))["backplane"]
         assert down["status"] == "down", down
         await asyncio.sleep(2.0)
         await asyncio.to_thread(redis.start)  # empty: no persistence, numbering restarts
         restarted = time.monotonic()
         for node in procs:
-            await until(lambda n=node: bool(n.find("Redis connection restored")), 10, "restore")
+            assert await eventually(lambda n=node: bool(n.find("Redis connection restored")),
+                                    10), "restore"
         await asyncio.sleep(0.5)
         stop.set()
         await task
@@ -294,8 +290,9 @@ async def test_redis_outage_no_node_exits_no_client_closed_nothing_lost_silently
         after = {i for t, i in accepted if t > restarted}
         assert after, "publishing resumed after Redis came back"
         everything = {i for _, i in accepted}
-        await until(lambda: all(after <= {m["i"] for m in c.messages("o")} for c in clients),
-                    10, "delivery after the outage")
+        assert await eventually(
+            lambda: all(after <= {m["i"] for m in c.messages("o")} for c in clients), 10), \
+            "delivery after the outage"
         await asyncio.sleep(0.2)
         for node in procs:
             assert node.proc is not None and node.proc.poll() is None, "a node exited"
@@ -327,7 +324,8 @@ async def test_workers_stop_when_the_supervisor_is_killed(redis_server: RedisSer
     try:
         pids = server.wait_for("Workers ready")["data"]["pids"]
         server.signal(9)  # SIGKILL: the parent cannot forward anything
-        await until(lambda: all(_gone(pid) for pid in pids), 10, "orphaned workers exit")
+        assert await eventually(lambda: all(_gone(pid) for pid in pids), 10), \
+            "orphaned workers exit"
         assert "Supervisor gone, stopping this worker" in server.text()
     finally:
         server.stop()

@@ -13,6 +13,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.aio import eventually
 from tests.conftest import LogCapture, StartTether
 from tests.support import RecordingPeer
 from tests.wsraw import RawWS
@@ -121,11 +122,7 @@ async def run_gap_scenario(
     await asyncio.to_thread(raw_drain, first, got)
     assert sum(len(v) for v in got.seqs.values()) == 10
     cut(first)
-    for _ in range(300):
-        if wait_gone():
-            break
-        await asyncio.sleep(0.01)
-    assert wait_gone(), "the first connection was not closed"
+    assert await eventually(wait_gone, 3), "the first connection was not closed"
     await publish_gap(t)
     await reconnect_and_collect(t, got, 10 + GAP)
     assert_complete(got, t)
@@ -176,11 +173,7 @@ async def test_resume_after_slow_consumer_close(
         return [x for x in log_capture.find("WebSocket client disconnected")
                 if x["data"]["code"] == 1013]
 
-    for _ in range(200):
-        if gone():
-            break
-        await asyncio.sleep(0.01)
-    assert gone(), "slow client not closed with 1013"
+    assert await eventually(lambda: bool(gone()), 2), "slow client not closed with 1013"
     assert sum(len(v) for v in got.seqs.values()) < n + GAP
     await reconnect_and_collect(t, got, n + GAP)
     assert_complete(got, t)

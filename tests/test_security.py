@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any
 
 import aiohttp
 import orjson
@@ -21,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.aio import eventually, post_event
 from tests.conftest import LogCapture, StartTether
 from tests.hostile import Raw, dropped, encode, open_tcp
 from tests.support import ServerProcess
@@ -35,22 +35,6 @@ BROWSER = {  # what a browser adds to a cross-site WebSocket handshake
     "Sec-Fetch-Dest": "empty",
     "Pragma": "no-cache",
 }
-
-
-async def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.01)
-    return bool(predicate())
-
-
-async def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    headers = {"Content-Type": "application/json", **(headers or {})}
-    async with aiohttp.ClientSession() as s, s.post(url, data=body, headers=headers) as r:
-        return r.status, await r.json(content_type=None)
 
 
 async def raw_http(port: int, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
@@ -146,17 +130,15 @@ async def test_non_loopback_host_with_a_token_starts_and_enforces_it() -> None:
     server = ServerProcess(env={"HOST": "0.0.0.0", "PUBLISH_TOKEN": "tunnel-secret"})
     server.start()
     try:
-        url = f"http://127.0.0.1:{server.port}/event"
-        assert (await post(url, b'{"type":"x"}'))[0] == 401
+        assert (await post_event(server.url, b'{"type":"x"}')).status == 401
         ok = {"Authorization": "Bearer tunnel-secret"}
-        assert (await post(url, b'{"type":"x"}', ok))[0] == 202
+        assert (await post_event(server.url, b'{"type":"x"}', headers=ok)).status == 202
     finally:
         assert server.stop() == 0
 
 
 async def test_post_event_needs_the_exact_bearer_token(start_tether: StartTether) -> None:
     t = await start_tether(publish_token="s3cret-token")
-    url = f"{t.url}/event"
     body = b'{"type":"x"}'
     async with aiohttp.ClientSession() as s, s.ws_connect(f"ws://127.0.0.1:{t.port}/ws") as ws:
         await ws.receive_json()
@@ -169,7 +151,7 @@ async def test_post_event_needs_the_exact_bearer_token(start_tether: StartTether
             {"Authorization": "Basic czNjcmV0LXRva2Vu"},
             {"Authorization": "s3cret-token"},
         ):
-            status, reply = await post(url, body, headers)
+            status, reply, _ = await post_event(t.url, body, headers=headers)
             assert status == 401 and reply["error"], headers
         # Bytes that are not UTF-8 in the header: still a plain 401, never a 500.
         head = (f"POST /event HTTP/1.1\r\nHost: 127.0.0.1:{t.port}\r\n"
@@ -177,7 +159,8 @@ async def test_post_event_needs_the_exact_bearer_token(start_tether: StartTether
                 "Connection: close\r\n").encode() + b"Authorization: Bearer \xff\xfe\x80\r\n\r\n"
         status, raw = await raw_http(t.port, head, body)
         assert status == 401, raw
-        status, reply = await post(url, body, {"Authorization": "Bearer s3cret-token"})
+        status, reply, _ = await post_event(t.url, body,
+                                            headers={"Authorization": "Bearer s3cret-token"})
         assert status == 202 and reply["seq"] == 1  # nothing refused was published
         assert await ws.receive_json() == {"type": "x", "topic": "*", "seq": 1}
 
@@ -218,7 +201,7 @@ async def test_message_size_limit_closes_1009_and_spares_others(
     binary.send(0x2, os.urandom(5000))
     assert (await binary.close_code())[0] == 1009
 
-    assert await wait_for(lambda: len(t.hub.registry) == 2)
+    assert await eventually(lambda: len(t.hub.registry) == 2)
     await t.publish({"type": "still-here"})
     assert (await bystander.recv_json())["type"] == "still-here"
     assert (await exact.recv_json())["type"] == "still-here"
@@ -228,7 +211,7 @@ async def test_message_size_limit_closes_1009_and_spares_others(
         return [r["data"]["code"] for r in log_capture.find("WebSocket client disconnected")]
 
     # Each is logged once its close frame is delivered and the socket aborted.
-    assert await wait_for(lambda: codes().count(1009) == 3), codes()
+    assert await eventually(lambda: codes().count(1009) == 3), codes()
     for ws in (bystander, exact, over, fragmented, binary):
         ws.close()
 
@@ -257,7 +240,7 @@ async def test_connection_cap_answers_503_at_upgrade_and_frees_a_slot_on_close(
         assert r.status == 200 and (await r.json())["clients"] == 3
     clients[0].send(0x8, b"\x03\xe8")  # close 1000
     assert (await clients[0].close_code())[0] == 1000
-    assert await wait_for(lambda: len(t.hub.registry) == 2)
+    assert await eventually(lambda: len(t.hub.registry) == 2)
     again = await Raw.connect(t.port)
     assert again.status == 101 and (await again.recv_json())["type"] == "connected"
     for ws in [*clients, again]:
@@ -419,9 +402,9 @@ async def test_malformed_frames_close_1002_and_spare_others(
     assert not [f for f in seen if f.opcode == 0x1], "the bad frame must not be processed"
     bad.send(0x8, b"\x03\xea")  # the client completes the close handshake
     assert await bad.closed_by_server(2)
-    assert await wait_for(lambda: len(t.hub.registry) == 1)
+    assert await eventually(lambda: len(t.hub.registry) == 1)
     # Logged when the socket is gone: at the client's FIN, or a short grace after.
-    assert await wait_for(lambda: log_capture.find("WebSocket client disconnected"))
+    assert await eventually(lambda: bool(log_capture.find("WebSocket client disconnected")))
     gone = log_capture.find("WebSocket client disconnected")
     assert [r["data"]["code"] for r in gone] == [1002]
     await t.publish({"type": "fine"})
@@ -453,7 +436,7 @@ async def test_masked_frames_around_the_mask_check_still_work(start_tether: Star
     code, seen = await ws.close_code()
     assert "after" not in [orjson.loads(f.payload)["id"] for f in seen if f.opcode == 0x1]
     assert code == 1002
-    assert await wait_for(lambda: len(t.hub.registry) == 0)
+    assert await eventually(lambda: len(t.hub.registry) == 0)
     ws.close()
 
 
@@ -468,7 +451,7 @@ async def test_invalid_utf8_text_closes_1007(start_tether: StartTether, fragment
     else:
         ws.send(0x1, b'{"type":"ping","id":"\xed\xa0\x80"}')  # an encoded surrogate
     assert (await ws.close_code())[0] == 1007
-    assert await wait_for(lambda: len(t.hub.registry) == 0)
+    assert await eventually(lambda: len(t.hub.registry) == 0)
     ws.close()
 
 

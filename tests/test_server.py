@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.aio import eventually, post_event
 from tests.conftest import LogCapture, StartTether
 from tests.support import ServerProcess
 from tests.wsraw import RawWS
@@ -21,15 +22,6 @@ from tether.app import Tether
 async def get_json(url: str) -> Any:
     async with aiohttp.ClientSession() as s, s.get(url) as r:
         return await r.json()
-
-
-async def post(url: str, body: bytes | dict[str, Any], token: str | None = None) -> tuple[int, Any]:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = body if isinstance(body, bytes) else orjson.dumps(body)
-    async with aiohttp.ClientSession() as s, s.post(url, data=data, headers=headers) as r:
-        return r.status, await r.json()
 
 
 async def test_connect_greets_and_logs(start_tether: StartTether, log_capture: LogCapture) -> None:
@@ -43,10 +35,8 @@ async def test_connect_greets_and_logs(start_tether: StartTether, log_capture: L
             assert conns["count"] == 1
             assert conns["connections"][0]["sessionId"] == hello["sessionId"]
             await ws.close(code=4001, message=b"bye")
-        for _ in range(100):
-            if log_capture.find("WebSocket client disconnected"):
-                break
-            await asyncio.sleep(0.01)
+        assert await eventually(lambda: bool(log_capture.find("WebSocket client disconnected")),
+                                1)
     connected = log_capture.find("WebSocket client connected")
     assert connected[0]["data"]["sessionId"] == hello["sessionId"]
     gone = log_capture.find("WebSocket client disconnected")[0]
@@ -61,8 +51,8 @@ async def test_publish_reaches_every_client_exactly_once(start_tether: StartTeth
         for ws in clients:
             assert (await ws.receive_json())["type"] == "connected"
         for i in range(5):
-            status, reply = await post(f"{t.url}/event",
-                                       {"type": "tick", "payload": {"i": i}, "priority": "low"})
+            status, reply, _ = await post_event(
+                t.url, {"type": "tick", "payload": {"i": i}, "priority": "low"})
             assert status == 202 and reply == {"accepted": True, "topic": "*", "seq": i + 1}
         for ws in clients:
             got = [await ws.receive_json() for _ in range(5)]
@@ -109,17 +99,19 @@ async def test_bad_posts_are_refused_and_nothing_is_broadcast(
     t = await start_tether(max_message=1024)
     async with aiohttp.ClientSession() as s, s.ws_connect(f"ws://127.0.0.1:{t.port}/ws") as ws:
         await ws.receive_json()
-        got_status, reply = await post(f"{t.url}/event", body)
+        got_status, reply, _ = await post_event(t.url, body)
         assert got_status == status and reply["error"]
-        assert (await post(f"{t.url}/event", {"type": "ok"}))[0] == 202
+        assert (await post_event(t.url, {"type": "ok"})).status == 202
         assert await ws.receive_json() == {"type": "ok", "topic": "*", "seq": 1}
 
 
 async def test_publish_token(start_tether: StartTether) -> None:
     t = await start_tether(publish_token="s3cret")
-    assert (await post(f"{t.url}/event", {"type": "x"}))[0] == 401
-    assert (await post(f"{t.url}/event", {"type": "x"}, token="wrong"))[0] == 401
-    status, reply = await post(f"{t.url}/event", {"type": "x"}, token="s3cret")
+    assert (await post_event(t.url, {"type": "x"})).status == 401
+    wrong = {"Authorization": "Bearer wrong"}
+    assert (await post_event(t.url, {"type": "x"}, headers=wrong)).status == 401
+    right = {"Authorization": "Bearer s3cret"}
+    status, reply, _ = await post_event(t.url, {"type": "x"}, headers=right)
     assert status == 202 and reply["seq"] == 1  # the refused ones used no seq
 
 
@@ -194,10 +186,8 @@ async def test_client_past_max_buffer_is_closed_1013_others_keep_receiving(
             await t.publish({"type": "more", "priority": "high"})
         got = [(await ok.receive_json())["type"] for _ in range(n + 20)]
         assert got.count("big") == n and got.count("more") == 20
-        for _ in range(100):
-            if log_capture.find("WebSocket client disconnected"):
-                break
-            await asyncio.sleep(0.02)
+        assert await eventually(lambda: bool(log_capture.find("WebSocket client disconnected")),
+                                2, interval=0.02)
     gone = log_capture.find("WebSocket client disconnected")[0]["data"]
     assert gone["code"] == 1013 and gone["reason"].startswith("Too slow")
     assert t.hub.stats.slow_closed == 1

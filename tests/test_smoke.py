@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import aiohttp
 
+from tests.aio import post_event
 from tests.conftest import StartTether
 from tests.support import ServerProcess
 
@@ -11,8 +12,7 @@ async def test_connect_publish_receive(start_tether: StartTether) -> None:
     async with aiohttp.ClientSession() as s, s.ws_connect(f"ws://127.0.0.1:{t.port}/ws") as ws:
         hello = await ws.receive_json()
         assert hello["type"] == "connected"
-        r = await s.post(f"http://127.0.0.1:{t.port}/event", json={"type": "x"})
-        assert r.status == 202
+        assert (await post_event(t.url, {"type": "x"}, session=s)).status == 202
         assert (await ws.receive_json()) == {"type": "x", "topic": "*", "seq": 1}
 
 

@@ -1,6 +1,12 @@
-"""A deliberately minimal WebSocket client on a plain socket, for tests that need
-control the real clients hide: stop reading, never answer pings, send bad frames,
-shrink the receive buffer. It speaks RFC 6455 framing itself (client frames masked)."""
+"""RFC 6455 framing for the tests, written once, and a minimal client on a plain socket.
+
+`encode` makes a client frame; `decode_frame` reads a server frame sans I/O (it
+asks for bytes and is given them), driven from a socket (`read_frame`), an
+asyncio stream (`read_frame_async`) or bytes already written (`frames_in`).
+`RawWS` is a deliberately minimal client for tests that need control the real
+clients hide: stop reading, never answer pings, send bad frames, shrink the
+receive buffer.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 
 
@@ -47,6 +54,59 @@ def encode(opcode: int, payload: bytes, fin: bool = True, mask: bool = True, rsv
     return head + key + masked
 
 
+def decode_frame() -> Generator[int, bytes, Frame]:
+    """One server frame (RFC 6455 §5.2): yields how many bytes it needs, is sent exactly those."""
+    b1, b2 = yield 2
+    n = b2 & 0x7F
+    if n == 126:
+        n = struct.unpack("!H", (yield 2))[0]
+    elif n == 127:
+        n = struct.unpack("!Q", (yield 8))[0]
+    if b2 & 0x80:
+        raise AssertionError("a server must not mask frames (RFC 6455 §5.1)")
+    payload = yield n
+    return Frame(b1 & 0x0F, payload, bool(b1 & 0x80))
+
+
+def read_frame(read_exactly: Callable[[int], bytes]) -> Frame:
+    """The next frame, `read_exactly(n)` giving n bytes (or raising when there are none)."""
+    decoder = decode_frame()
+    need = next(decoder)
+    try:
+        while True:
+            need = decoder.send(read_exactly(need))
+    except StopIteration as done:
+        return done.value
+
+
+async def read_frame_async(read_exactly: Callable[[int], Awaitable[bytes]]) -> Frame:
+    """`read_frame` for an asyncio stream (`StreamReader.readexactly`)."""
+    decoder = decode_frame()
+    need = next(decoder)
+    try:
+        while True:
+            need = decoder.send(await read_exactly(need))
+    except StopIteration as done:
+        return done.value
+
+
+def frames_in(data: bytes) -> list[Frame]:
+    """Every frame in bytes a server wrote (one write may carry several frames)."""
+    pos = 0
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > len(data):
+            raise AssertionError(f"a frame cut short at byte {pos} of {len(data)}")
+        pos += n
+        return data[pos - n : pos]
+
+    frames = []
+    while pos < len(data):
+        frames.append(read_frame(take))
+    return frames
+
+
 class RawWS:
     def __init__(self, host: str, port: int, path: str = "/ws", rcvbuf: int | None = None,
                  headers: dict[str, str] | None = None, timeout: float = 5.0) -> None:
@@ -81,15 +141,7 @@ class RawWS:
         return out
 
     def recv(self) -> Frame:
-        b1, b2 = self._read(2)
-        n = b2 & 0x7F
-        if n == 126:
-            n = struct.unpack("!H", self._read(2))[0]
-        elif n == 127:
-            n = struct.unpack("!Q", self._read(8))[0]
-        if b2 & 0x80:
-            raise AssertionError("a server must not mask frames (RFC 6455 §5.1)")
-        return Frame(b1 & 0x0F, self._read(n), bool(b1 & 0x80))
+        return read_frame(self._read)
 
     def recv_data(self, timeout: float = 5.0) -> Frame:
         """The next non-control frame (pings and pongs are skipped, not answered)."""

@@ -17,22 +17,9 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page
 
-from tests.support import OUTPUT, ServerProcess, wait_until
+from tests.support import OUTPUT, ServerProcess, publish, wait_until
 
 pytestmark = pytest.mark.browser
-
-
-def post(server: ServerProcess, event: dict[str, Any]) -> dict[str, Any]:
-    req = urllib.request.Request(
-        f"{server.url}/event",
-        data=json.dumps(event).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=5) as res:
-        assert res.status == 202
-        body: dict[str, Any] = json.loads(res.read())
-        return body
 
 
 def health(server: ServerProcess) -> dict[str, Any]:
@@ -106,12 +93,13 @@ def test_dashboard_connects_shows_events_rtt_and_counters(
     assert page.get_attribute("#rtt-line", "d", timeout=1000).startswith("M")
 
     # Published events appear in the feed with their topic and seq.
-    accepted = post(server, {"type": "order.created", "topic": "demo", "payload": {"id": 42}})
+    accepted = publish(server.url, {"type": "order.created", "topic": "demo",
+                                    "payload": {"id": 42}})
     assert accepted["seq"] == 1
     row = page.locator('#feed tr[data-topic="demo"][data-seq="1"]')
     row.wait_for(timeout=3000)
     assert "order.created" in row.inner_text() and '"id":42' in row.inner_text()
-    post(server, {"type": "broadcast"})
+    publish(server.url, {"type": "broadcast"})
     page.locator('#feed tr[data-topic="*"][data-seq="1"]').wait_for(timeout=3000)
 
     # The copy-paste curl command publishes to this server, as shown.
@@ -139,7 +127,7 @@ def test_dashboard_connects_shows_events_rtt_and_counters(
         timeout=3000,
     )
     for i in range(3):
-        post(server, {"type": "metric", "topic": "demo", "payload": {"cpu": 0.25 + i / 10}})
+        publish(server.url, {"type": "metric", "topic": "demo", "payload": {"cpu": 0.25 + i / 10}})
     page.locator('#feed tr[data-topic="demo"][data-seq="6"]').wait_for(timeout=3000)
     # Enough RTT samples for the chart, and the new-row highlight faded, for the screenshot.
     page.wait_for_function("parseInt(document.getElementById('rtt-count').textContent) >= 12",
@@ -155,7 +143,7 @@ def test_server_restart_page_reconnects_within_backoff_bound(page: Page) -> None
     try:
         session = open_dashboard(page, first, "?maxDelay=1000")
         for _ in range(3):
-            post(first, {"type": "before", "topic": "demo"})
+            publish(first.url, {"type": "before", "topic": "demo"})
         page.locator('#feed tr[data-topic="demo"][data-seq="3"]').wait_for(timeout=3000)
     finally:
         assert first.stop() == 0
@@ -179,7 +167,7 @@ def test_server_restart_page_reconnects_within_backoff_bound(page: Page) -> None
         # The new server numbers topics from 1: the page is told to resync, then
         # gets the new messages (not dropped as duplicates of the old numbering).
         page.locator("#feed tr.resync[data-topic='demo']").wait_for(timeout=3000)
-        post(second, {"type": "after", "topic": "demo"})
+        publish(second.url, {"type": "after", "topic": "demo"})
         row = page.locator('#feed tr.event[data-topic="demo"]').first
         assert wait_until(lambda: "after" in row.inner_text(), timeout=3)
         assert row.get_attribute("data-seq") == "1"
@@ -224,14 +212,14 @@ def test_half_open_server_is_detected_by_the_watchdog(page: Page) -> None:
 def test_resume_after_forced_reconnect_leaves_no_gap(page: Page, server: ServerProcess) -> None:
     open_dashboard(page, server, "?topics=orders")
     for _ in range(10):
-        post(server, {"type": "order", "topic": "orders"})
+        publish(server.url, {"type": "order", "topic": "orders"})
     page.locator('#feed tr[data-topic="orders"][data-seq="10"]').wait_for(timeout=3000)
 
     # A gap for sure: offline while 20 are published, then a forced reconnect.
     page.evaluate("window.tether.disconnect()")
     for _ in range(20):
-        post(server, {"type": "order", "topic": "orders"})
-    post(server, {"type": "other", "topic": "elsewhere"})
+        publish(server.url, {"type": "order", "topic": "orders"})
+    publish(server.url, {"type": "other", "topic": "elsewhere"})
     page.evaluate("window.tether.forceReconnect()")
     page.locator('#feed tr[data-topic="orders"][data-seq="30"]').wait_for(timeout=3000)
     assert health(server)["messages"]["replayed"] >= 20
@@ -239,7 +227,7 @@ def test_resume_after_forced_reconnect_leaves_no_gap(page: Page, server: ServerP
     # And forced reconnects in the middle of a live stream.
     def publish_stream() -> None:
         for _ in range(120):
-            post(server, {"type": "order", "topic": "orders"})
+            publish(server.url, {"type": "order", "topic": "orders"})
             time.sleep(0.004)
 
     publisher = threading.Thread(target=publish_stream)
