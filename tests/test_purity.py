@@ -40,10 +40,7 @@ PURE = [
     "tether.proxies",  # "Pure: strings in, a string out; no aiohttp"
     "tether.message",
     "tether.codes",
-    pytest.param("tether.client.logic", marks=pytest.mark.xfail(
-        strict=True,
-        reason="tether.client.logic says 'no I/O' but imports yarl (aiohttp's URL library) "
-               "at run time for its URL helpers; reported, src/ not changed here")),
+    "tether.client.logic",
 ]
 
 SCRIPT = """
@@ -88,11 +85,7 @@ def test_a_pure_module_imports_no_io_library(module: str) -> None:
         f"name them, and tether.clock, only under TYPE_CHECKING")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tether/__init__.py imports tether.app (aiohttp, asyncio) and tether/client/__init__.py "
-    "the aiohttp driver, so importing any pure module the ordinary way loads them; lazy "
-    "re-exports (PEP 562 __getattr__) would make this pass; reported, src/ not changed here"))
 def test_the_pure_core_imports_no_io_library_the_ordinary_way() -> None:
-    modules = [m for m in PURE if isinstance(m, str)]  # those that pass the test above
+    modules = list(PURE)
     loaded = io_libraries_loaded(modules, without_inits=False)
     assert loaded == [], f"importing the pure core loads {loaded}"

@@ -7,10 +7,13 @@ async with Client("ws://localhost:4011/ws", topics=["orders"]) as client:
 ```
 
 `logic.py` holds its decisions (pure, tested without sleeping); `driver.py` the
-aiohttp driver, `Client`.
+aiohttp driver, `Client`; `urls.py` its URLs.
 """
 
-from tether.client.driver import Client, State, StateChange
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from tether.client.logic import (
     Backoff,
     Kind,
@@ -18,12 +21,28 @@ from tether.client.logic import (
     SeqTracker,
     Verdict,
     classify,
-    connect_url,
-    http_url,
     overslept,
     since_param,
-    ws_url,
 )
+
+if TYPE_CHECKING:
+    from tether.client.driver import Client, State, StateChange
+    from tether.client.urls import connect_url, http_url, ws_url
+
+# The driver (aiohttp) and the URL helpers (yarl) load on first use (PEP 562), so
+# importing the pure logic pulls in no I/O library.
+_LAZY = {"Client": "driver", "State": "driver", "StateChange": "driver",
+         "connect_url": "urls", "http_url": "urls", "ws_url": "urls"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tether.client' has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f"tether.client.{module}"), name)
+
 
 __all__ = [
     "Backoff",

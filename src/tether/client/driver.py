@@ -34,11 +34,9 @@ from tether.client.logic import (
     SeqTracker,
     Verdict,
     classify,
-    connect_url,
-    http_url,
     overslept,
-    ws_url,
 )
+from tether.client.urls import connect_url, http_url, ws_url
 from tether.clock import Clock, SystemClock
 from tether.errors import PublishError, Refusal
 from tether.logs import get_logger

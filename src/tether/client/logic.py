@@ -4,17 +4,15 @@ Each takes `now` and randomness as arguments, so it is tested without sleeping:
 `Backoff` (reconnect delays), `overslept` (was the process asleep?),
 `SeqTracker` (last seq per topic, duplicates, the `since` to resume from),
 `Liveness` (when to send an app-level ping, when a silent connection is dead),
-`classify` (what a server message is) and the URL helpers.
+and `classify` (what a server message is). (The URLs it connects to: urls.py.)
 """
 
 from __future__ import annotations
 
 import enum
 import random as _random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
-
-from yarl import URL
 
 JSON = dict[str, Any]
 
@@ -216,40 +214,3 @@ def classify(msg: Mapping[str, Any]) -> Kind:
     if kind == "pong":
         return Kind.PONG
     return Kind.CONTROL
-
-
-def ws_url(url: str) -> URL:
-    """The WebSocket URL of a server: http(s) becomes ws(s), a bare host gets `/ws`."""
-    u = URL(url)
-    scheme = {"http": "ws", "https": "wss"}.get(u.scheme, u.scheme)
-    if scheme not in ("ws", "wss"):
-        raise ValueError(f"not a ws://, wss://, http:// or https:// URL: {url!r}")
-    u = u.with_scheme(scheme)
-    if u.path in ("", "/"):
-        u = u.with_path("/ws")
-    return u
-
-
-def http_url(url: URL) -> str:
-    """The HTTP base of a WebSocket URL (for `POST /event`)."""
-    scheme = "https" if url.scheme == "wss" else "http"
-    path = url.path
-    if path.endswith("/ws"):
-        path = path[: -len("/ws")]
-    return str(url.with_scheme(scheme).with_path(path or "/").with_query(None)).rstrip("/")
-
-
-def connect_url(base: URL, topics: Iterable[str], since: Mapping[str, int]) -> URL:
-    """`base` with `?topics=` and `?since=` for this attempt (SPEC §6, §7)."""
-    query = {k: v for k, v in base.query.items() if k not in ("topics", "since")}
-    names = sorted(set(topics))
-    if names:
-        query["topics"] = ",".join(names)
-    if since:
-        query["since"] = since_param(since)
-    return base.with_query(query)
-
-
-# ---------------------------------------------------------------------------- the driver
-
-

@@ -1,0 +1,41 @@
+"""Where the Python client connects and publishes: its URLs, built with yarl."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from yarl import URL
+
+from tether.client.logic import since_param
+
+
+def ws_url(url: str) -> URL:
+    """The WebSocket URL of a server: http(s) becomes ws(s), a bare host gets `/ws`."""
+    u = URL(url)
+    scheme = {"http": "ws", "https": "wss"}.get(u.scheme, u.scheme)
+    if scheme not in ("ws", "wss"):
+        raise ValueError(f"not a ws://, wss://, http:// or https:// URL: {url!r}")
+    u = u.with_scheme(scheme)
+    if u.path in ("", "/"):
+        u = u.with_path("/ws")
+    return u
+
+
+def http_url(url: URL) -> str:
+    """The HTTP base of a WebSocket URL (for `POST /event`)."""
+    scheme = "https" if url.scheme == "wss" else "http"
+    path = url.path
+    if path.endswith("/ws"):
+        path = path[: -len("/ws")]
+    return str(url.with_scheme(scheme).with_path(path or "/").with_query(None)).rstrip("/")
+
+
+def connect_url(base: URL, topics: Iterable[str], since: Mapping[str, int]) -> URL:
+    """`base` with `?topics=` and `?since=` for this attempt (SPEC §6, §7)."""
+    query = {k: v for k, v in base.query.items() if k not in ("topics", "since")}
+    names = sorted(set(topics))
+    if names:
+        query["topics"] = ",".join(names)
+    if since:
+        query["since"] = since_param(since)
+    return base.with_query(query)
