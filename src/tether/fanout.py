@@ -1,20 +1,23 @@
-"""Fan-out and resume: each message to every subscriber once, in seq order (SPEC §6, §7).
+"""Publish, fan-out and resume: each message to each subscriber once, in seq order (SPEC §6, §7).
 
-The backplane hands every message of a watched topic to `deliver`, which offers
-its frame (encoded once) to each subscriber's outbox. A client that is resuming
-gets live messages only after its replay, and duplicates are dropped by seq, so
-each client sees each message once and in order. A resync notice from the
-backplane (it lost messages) becomes `{"type":"resync"}` for the subscribers
-that may lack some.
+A publish is validated and serialized once, then numbered by the backplane. The
+backplane hands every message of a watched topic to `deliver`, which offers its
+frame (encoded once) to each subscriber's outbox. A client that is resuming gets
+live messages only after its replay, and duplicates are dropped by seq, so each
+client sees each message once and in order. A resync notice from the backplane
+(it lost messages) becomes `{"type":"resync"}` for the subscribers that may lack
+some.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tether import frames
-from tether.message import Message, Priority
+from tether.backplane.base import Published
+from tether.errors import PublishError, Refusal
+from tether.message import Message, Priority, prepare
 from tether.outbox import Decision
 
 if TYPE_CHECKING:
@@ -29,6 +32,24 @@ class Fanout:
         self.hub = hub
         self.stats = hub.stats
         self.registry = hub.registry
+
+    async def publish(self, event: Any, key: str | None = None) -> Published:
+        """Validate, serialize once, and publish through the backplane (SPEC §6).
+
+        With an idempotency `key`, a repeat is answered as a duplicate (see
+        `Backplane.publish`).
+        """
+        prepared = prepare(event)
+        if len(prepared.body) > self.hub.settings.max_message:
+            limit = self.hub.settings.max_message
+            raise PublishError(
+                Refusal.TOO_LARGE, f"event is larger than WS_MAX_MESSAGE ({limit} bytes)")
+        message = await self.hub.backplane.publish(prepared, key)
+        if message.duplicate:
+            self.stats.duplicates += 1
+        else:
+            self.stats.published[message.priority] += 1
+        return message
 
     def deliver(self, message: Message) -> None:
         """Fan one message out to this process's subscribers (the backplane calls this).

@@ -33,15 +33,14 @@ from typing import Any
 import orjson
 
 from tether import codes, frames, views
-from tether.backplane.base import Backplane, Published
+from tether.backplane.base import Backplane
 from tether.clock import Clock, SystemClock, iso
 from tether.config import Settings
-from tether.errors import PublishError, Refusal
 from tether.fanout import Fanout
 from tether.heartbeat import Heartbeat
 from tether.inbound import Inbound, MessageHandler, parse_since, parse_topics
 from tether.logs import get_logger
-from tether.message import BROADCAST_TOPIC, Priority, prepare
+from tether.message import BROADCAST_TOPIC, Priority
 from tether.outbox import Backpressure, Decision, Outbox, Writer
 from tether.pulse import HeartbeatDriver, LagMonitor
 from tether.registry import Connection, Peer, Registry
@@ -97,6 +96,7 @@ class Hub:
         )
         self._closers: set[asyncio.Future[None]] = set()
         # The rooms' entry points, bound once: the hot paths call them directly.
+        self.publish = self.fanout.publish
         self.deliver = self.fanout.deliver
         self.resume = self.fanout.resume
         self.seen = self.inbound.seen
@@ -280,26 +280,6 @@ class Hub:
     def flush_one(self, conn: Connection) -> None:
         """Write one client's queued frames now."""
         self.writer.flush_one(conn.outbox)
-
-    # ------------------------------------------------------------------ publishing
-
-    async def publish(self, event: Any, key: str | None = None) -> Published:
-        """Validate, serialize once, and publish through the backplane (SPEC §6).
-
-        With an idempotency `key`, a repeat is answered as a duplicate (see
-        `Backplane.publish`).
-        """
-        prepared = prepare(event)
-        if len(prepared.body) > self.settings.max_message:
-            limit = self.settings.max_message
-            raise PublishError(
-                Refusal.TOO_LARGE, f"event is larger than WS_MAX_MESSAGE ({limit} bytes)")
-        message = await self.backplane.publish(prepared, key)
-        if message.duplicate:
-            self.stats.duplicates += 1
-        else:
-            self.stats.published[message.priority] += 1
-        return message
 
     # ------------------------------------------------------------------ timers and views
 
