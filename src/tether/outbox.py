@@ -36,6 +36,11 @@ class Decision(Enum):
     GONE = "gone"  # the client is closing: nothing more is written to it
 
 
+# The decisions as module constants: read on every offer (a global load, not an
+# attribute lookup on the enum class).
+SEND, SKIP, CLOSE, GONE = Decision.SEND, Decision.SKIP, Decision.CLOSE, Decision.GONE
+
+
 class Backpressure:
     """The thresholds and the one rule that applies them."""
 
@@ -66,13 +71,15 @@ class Backpressure:
 class Outbox:
     """One client's frames waiting for the next flush; `offer` is the only way in."""
 
-    __slots__ = ("closed", "owner", "paused", "peer", "queue", "queued", "rule", "writer")
+    __slots__ = ("closed", "high", "max_buffer", "owner", "paused", "peer", "queue", "queued",
+                 "rule", "writer")
 
     def __init__(
         self, peer: Peer, rule: Backpressure, writer: Writer, owner: object = None
     ) -> None:
         self.peer = peer
         self.rule = rule
+        self.high, self.max_buffer = rule.high, rule.max_buffer  # read on every offer
         self.writer = writer
         self.owner = owner  # whatever the caller tracks (the Connection), for error reports
         self.queue: list[bytes] | None = None  # frames for the next flush
@@ -87,34 +94,33 @@ class Outbox:
     def offer(self, frame: bytes, priority: Priority) -> Decision:
         """Apply the rule to one frame; SEND means it is queued for the next flush.
 
-        The common case first: a client that is not paused and whose transport
-        holds no more than `high` stays unpaused, and gets the frame unless that
-        passes `max_buffer` (Backpressure.paused and .decide say the same; a
-        test holds the two equal for every state). Everything else takes the
-        rule as written.
+        The common case first (one call per delivery of every broadcast, so it
+        reads as few attributes as it can): a client that is not paused and
+        whose transport holds no more than `high` stays unpaused, and gets the
+        frame unless that passes `max_buffer` (Backpressure.paused and .decide
+        say the same; a test holds the two equal for every state). Everything
+        else takes the rule as written.
         """
-        if self.closed:
-            return Decision.GONE
         peer = self.peer
-        if peer.is_closing():
+        if self.closed or peer.is_closing():
             self.closed = True
-            return Decision.GONE
-        rule = self.rule
+            return GONE
         in_transport = peer.in_transport()
-        size = len(frame)
-        if (self.paused or in_transport > rule.high
-                or in_transport + self.queued + size > rule.max_buffer):
+        queued = self.queued + len(frame)
+        if self.paused or in_transport > self.high or in_transport + queued > self.max_buffer:
+            rule = self.rule
             self.paused = paused = rule.paused(self.paused, in_transport)
-            decision = rule.decide(paused, in_transport + self.queued, size, priority)
-            if decision is not Decision.SEND:
+            decision = rule.decide(paused, in_transport + self.queued, len(frame), priority)
+            if decision is not SEND:
                 return decision
         queue = self.queue
         if queue is None:
-            queue = self.queue = []
+            self.queue = [frame]
             self.writer.add(self)
-        queue.append(frame)
-        self.queued += size
-        return Decision.SEND
+        else:
+            queue.append(frame)
+        self.queued = queued
+        return SEND
 
     def paused_now(self) -> bool:
         """Whether the rule would pause it for what its transport holds now (a view)."""
@@ -170,7 +176,10 @@ class Writer:
             self._handle = None
         dirty, self.dirty = self.dirty, []
         for outbox in dirty:
-            self.flush_one(outbox)
+            try:
+                outbox.flush()
+            except Exception as exc:  # a failed send drops this client, never the others
+                self.failed(outbox, exc)
         self.cost = self.clock.now() - started
 
     def flush_one(self, outbox: Outbox) -> None:

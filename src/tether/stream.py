@@ -106,7 +106,7 @@ class ClientStream(asyncio.Protocol):
         self._hub = hub
         self._conn = conn
         self._reader = FrameReader(max_message)
-        self._inbox: collections.deque[Event] = collections.deque()
+        self._inbox: collections.deque[Event] | None = None  # made at the first message
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
 
@@ -148,21 +148,24 @@ class ClientStream(asyncio.Protocol):
             self._push((FAILED, reader.failure))
 
     def _push(self, event: Event) -> None:
-        self._inbox.append(event)
+        inbox = self._inbox
+        if inbox is None:
+            inbox = self._inbox = collections.deque()
+        inbox.append(event)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if len(self._inbox) > INBOX_HIGH and not self._paused and self._conn.reading:
+        if len(inbox) > INBOX_HIGH and not self._paused and self._conn.reading:
             self._paused = True
             self._transport.pause_reading()
 
     async def next(self) -> Event:
         """The next message, close, failure or end of this connection, in order."""
-        inbox = self._inbox
-        while not inbox:
+        while not self._inbox:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
             self._waiter = None
+        inbox = self._inbox
         event = inbox.popleft()
         if self._paused and len(inbox) < INBOX_LOW:
             self._paused = False

@@ -68,9 +68,10 @@ class FrameReader:
 
     def __init__(self, max_message: int) -> None:
         self.max_message = max_message
-        self._buf = bytearray()  # bytes of a frame not yet complete
+        # Made when first needed: most clients never send a frame in pieces.
+        self._buf: bytearray | None = None  # bytes of a frame not yet complete
         self._op = 0  # opcode of the fragmented message under way (0: none)
-        self._parts: list[Any] = []  # its fragments: str (decoded as they came) or bytes
+        self._parts: list[Any] | None = None  # its fragments: str (decoded as they came), bytes
         self._size = 0  # its bytes so far
         self._decoder: codecs.IncrementalDecoder | None = None
         self.frames = 0  # frame headers read; the caller resets it (for rate limits)
@@ -123,10 +124,13 @@ class FrameReader:
                 if op == CLOSE:  # the client's last frame: what follows is ignored
                     self.closed = True
                     return events
-        if data is buf:
+        if buf is not None and data is buf:
             del buf[:pos]
         elif pos < end:
-            buf += data[pos:]
+            if buf is None:
+                self._buf = bytearray(data[pos:])
+            else:
+                buf += data[pos:]
         return events
 
     def _header(self, b1: int, b2: int, n: int) -> Failure | None:
@@ -170,18 +174,21 @@ class FrameReader:
             self._op = op
             self._decoder = _UTF8() if op == TEXT else None
         self._size += len(payload)
+        parts = self._parts
+        if parts is None:
+            parts = self._parts = []
         if self._decoder is not None:
             try:
-                self._parts.append(self._decoder.decode(payload, final=fin))
+                parts.append(self._decoder.decode(payload, final=fin))
             except UnicodeDecodeError:
                 self.failure = (codes.Close.INVALID_DATA, "Invalid UTF-8")
                 return None
         else:
-            self._parts.append(payload)
+            parts.append(payload)
         if not fin:
             return None
-        kind, parts = self._op, self._parts
-        self._op, self._parts, self._size, self._decoder = 0, [], 0, None
+        kind = self._op
+        self._op, self._parts, self._size, self._decoder = 0, None, 0, None
         return (TEXT, "".join(parts)) if kind == TEXT else (BINARY, b"".join(parts))
 
     def _close(self, payload: bytes) -> Event | None:
