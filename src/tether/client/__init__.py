@@ -10,7 +10,7 @@ async with Client("ws://localhost:4011/ws", topics=["orders"]) as client:
 aiohttp driver, `Client`.
 """
 
-from tether.client.driver import Client, State, StateChange
+from tether.client.driver import Client, State, StateChange, Token
 from tether.client.logic import (
     Backoff,
     Kind,
@@ -21,6 +21,7 @@ from tether.client.logic import (
     connect_url,
     http_url,
     overslept,
+    refresh_delay,
     since_param,
     ws_url,
 )
@@ -33,11 +34,13 @@ __all__ = [
     "SeqTracker",
     "State",
     "StateChange",
+    "Token",
     "Verdict",
     "classify",
     "connect_url",
     "http_url",
     "overslept",
+    "refresh_delay",
     "since_param",
     "ws_url",
 ]
