@@ -153,6 +153,7 @@ class Client:
         self.refresh_margin = refresh_margin
         self._token_value: str | None = token if isinstance(token, str) else None
         self._admitted = False  # this connection may send (auth said `authenticated`)
+        self._awaiting_subscribed = False  # its topics asked for after `authenticated`
         self._refresh_at: float | None = None  # clock.now() to fetch a fresh token at
         self.on_message = on_message
         self.on_state = on_state
@@ -357,6 +358,7 @@ class Client:
         await self._set_state(StateChange(State.CONNECTING, self.backoff.attempt))
         assert self._session is not None
         self._admitted = self.token is None
+        self._awaiting_subscribed = False
         self._refresh_at = None
         if self.token is None:
             url = connect_url(self.url, self.topics, self.tracker.since())
@@ -495,6 +497,10 @@ class Client:
         elif msg.get("type") == "authenticated" and self.token is not None:
             await self._authenticated(msg)
             await _call(self.on_control, msg)
+        elif msg.get("type") == "subscribed" and self._awaiting_subscribed:
+            self._awaiting_subscribed = False
+            await _call(self.on_control, msg)
+            await self._ready()
         else:
             if msg.get("type") == "error":
                 log.warn("Server reported an error", error=msg.get("error"),
@@ -513,12 +519,15 @@ class Client:
             return  # a refresh
         self._admitted = True
         since = self.tracker.since()
+        if not since and not self.topics:
+            await self._ready()
+            return
         if since:
             await self._send({"type": "resume", "since": since})
-        rest = sorted(t for t in self.topics if t not in since)
-        if rest:
-            await self._send({"type": "subscribe", "topics": rest})
-        await self._ready()
+        # The server answers in order: its `subscribed` says the resume is done too,
+        # so `connected` means what was asked for flows (as with `?topics=`).
+        self._awaiting_subscribed = True
+        await self._send({"type": "subscribe", "topics": sorted(self.topics)})
 
     async def _ready(self) -> None:
         self._connected.set()
