@@ -595,6 +595,10 @@ async def test_a_refresh_with_another_sub_or_a_bad_token_closes() -> None:
     await rig.send(c, {"type": "auth", "token": issue_token(SECRET, sub="alice", ttl=1,
                                                             now=rig.clock.wall() - 5)})
     assert await closed(peer) == (4001, "Token expired")
+    c, peer = rig.open(token=rig.token())
+    await rig.send(c, {"type": "auth", "token": issue_token(OTHER, sub="alice")})
+    closing = await closed(peer)
+    assert closing is not None and closing[0] == 4003 and "Signature" in closing[1]
 
 
 async def test_public_topics_are_read_without_a_token_and_auth_upgrades() -> None:
@@ -630,3 +634,18 @@ async def test_resume_and_subscribe_give_nothing_of_a_topic_not_granted() -> Non
     assert not [m for m in got if m["type"] in ("note", "resync")]
     assert [m["topic"] for m in got if m["type"] == "error"] == ["secrets", "*", "secrets", "*"]
     assert rig.hub.stats.resumes == 0 and c.topics == set()
+
+
+async def test_without_tokens_an_application_keeps_its_own_auth_messages() -> None:
+    rig = await Rig(auth_secret=None).start()
+    seen: list[str | bytes] = []
+    rig.hub.on_message(lambda conn, data: seen.append(data))
+    c, peer = rig.open()
+    await rig.send(c, '{"type":"auth","user":"x"}')
+    assert seen == ['{"type":"auth","user":"x"}']
+    assert kinds(rig.got(peer)) == ["connected"]
+    rig = await Rig().start()  # with tokens, `auth` is tether's
+    rig.hub.on_message(lambda conn, data: seen.append(data))
+    c, peer = rig.open(token=rig.token())
+    await rig.send(c, {"type": "auth", "token": rig.token()})
+    assert len(seen) == 1 and kinds(rig.got(peer))[-1] == "authenticated"

@@ -273,7 +273,10 @@ class Inbound:
             else:
                 self.client_error(conn, "invalid JSON")
             return
-        if not isinstance(msg, dict) or msg.get("type") not in _PROTOCOL_TYPES:
+        if not isinstance(msg, dict) or msg.get("type") not in _PROTOCOL_TYPES or (
+            # Without tokens, an application that speaks its own `auth` keeps it.
+            msg.get("type") == "auth" and self.handlers and not self.hub.access.enabled
+        ):
             if self.handlers:
                 await self._to_handlers(conn, data)
             elif not isinstance(msg, dict):
