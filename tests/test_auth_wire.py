@@ -373,7 +373,7 @@ async def test_a_refused_token_ends_the_client_and_watch_unauthorized(
     assert t.hub.stats.connections_total == 1  # it did not try again
     out = io.StringIO()
     status = await watch(f"http://127.0.0.1:{t.port}", token="x.y.z", out=out)
-    assert status == 1 and "unauthorized" in out.getvalue()
+    assert status == 1 and "unauthorized: closed by server: 4003 Forbidden" in out.getvalue()
 
 
 # ---------------------------------------------------------------- several nodes

@@ -85,7 +85,7 @@ class Watcher:
             self.line(f"reconnecting in {change.delay or 0.0:.2f} s (attempt {change.attempt})")
         elif state is State.UNAUTHORIZED:
             self.unauthorized = True
-            self.line("unauthorized: the server refused the token (not reconnecting)")
+            self.line(f"unauthorized: {change.reason} (the token will not do: not reconnecting)")
             self.done.set()
         elif state is State.DISCONNECTED:
             self.done.set()

@@ -304,7 +304,7 @@ class Client:
     # ------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
-        final = State.DISCONNECTED
+        final, why = State.DISCONNECTED, None
         try:
             while not self._closing:
                 up_for, reason, code = await self._connect_once()
@@ -314,7 +314,7 @@ class Client:
                     # The same token cannot do better: retrying would be refused again.
                     log.warn("Token refused, not reconnecting", url=str(self.url), code=code,
                              reason=reason)
-                    final = State.UNAUTHORIZED
+                    final, why = State.UNAUTHORIZED, reason
                     break
                 if up_for is not None and up_for >= self.stable_after:
                     self.backoff.reset()
@@ -338,8 +338,7 @@ class Client:
             self.state = final
             with contextlib.suppress(Exception):
                 await self._emit_state(StateChange(final, session_id=self.session_id,
-                                                   reason=None if final is State.DISCONNECTED
-                                                   else "token refused"))
+                                                   reason=why))
             self._queue.put_nowait(_END)
 
     async def _pause(self, delay: float) -> None:
