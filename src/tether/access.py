@@ -104,7 +104,8 @@ class Access:
             conn.held = conn.held._replace(since=raw)
         return True
 
-    def _admit(self, conn: Connection, grant: Grant, topics: list[str], *, token: bool) -> None:
+    def _admit(self, conn: Connection, grant: Grant, topics: list[str], *, token: bool,
+               watch: bool = False) -> None:
         hub = self.hub
         hub.regrant(conn, grant)
         if hub.greet:
@@ -123,7 +124,10 @@ class Access:
             except ValueError as exc:
                 hub.inbound.client_error(conn, str(exc))
                 return
-            hub.subscribe(conn, admission.granted)
+            # Hub.open tells the backplane once it is done; an `auth` admission here.
+            hub.registry.subscribe(conn, admission.granted)
+            if watch:
+                hub.watch_topics()
             self.refused_topics(conn, admission.refused)
 
     # ---- messages
@@ -145,7 +149,7 @@ class Access:
         if old is None:  # waiting: admitted now, with what its URL asked for
             held, conn.held = conn.held, None
             self._cancel(conn)
-            self._admit(conn, grant, held.topics if held else [], token=True)
+            self._admit(conn, grant, held.topics if held else [], token=True, watch=True)
             if held is not None and held.since and not conn.closing:
                 await hub.inbound.resume_query(conn, held.since)
             return

@@ -248,6 +248,10 @@ class Hub:
     def _watch(self) -> None:
         self.backplane.watch(set(self.registry.topics()))
 
+    def watch_topics(self) -> None:
+        """Tell the backplane which topics this process reads now (after a change of them)."""
+        self._watch()
+
     # ------------------------------------------------------------------ writing
 
     def send(self, conn: Connection, data: str | bytes, priority: Priority = Priority.HIGH) -> bool:
