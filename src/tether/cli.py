@@ -1,4 +1,4 @@
-"""The `tether` command: serve, publish, watch, bench (SPEC §9). No logic lives here."""
+"""The `tether` command: serve, publish, watch, bench, token (SPEC §9). No logic lives here."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("watch", help="print messages, RTT and reconnects (a tunnel probe)")
     p.add_argument("url", help="ws://host:port/ws or http://host:port")
     p.add_argument("--topics", help="comma list of topics (every client gets '*')")
+    p.add_argument("--token", default=os.environ.get("TETHER_TOKEN"),
+                   help="connection token (JWT), sent as the first message (env TETHER_TOKEN)")
     p.add_argument("--ping-interval", type=float, default=5.0,
                    help="seconds between liveness pings (default 5)")
     p.add_argument("--ping-timeout", type=float, default=10.0,
@@ -56,7 +58,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtt-wait", type=float, default=35.0,
                    help="seconds to wait at most for heartbeat round trips (default 35)")
 
+    p = sub.add_parser("token", help="mint an HS256 connection token with AUTH_SECRET")
+    p.add_argument("--sub", required=True, help="the user the token is for")
+    p.add_argument("--topics", default="",
+                   help="comma list of topic patterns it may read: orders, user.42.*, "
+                        "* (the broadcast topic), ** (every topic)")
+    p.add_argument("--ttl", default="1h", help="lifetime: 90s, 15m, 1h, 7d (default 1h)")
+    p.add_argument("--publish", default="",
+                   help="comma list of topic patterns it may publish to (POST /event)")
+
     return parser
+
+
+def _token(args: argparse.Namespace) -> int:
+    from tether.auth import issue_token, parse_patterns, parse_ttl
+
+    secret = os.environ.get("AUTH_SECRET")
+    if not secret:
+        print("tether token: AUTH_SECRET is not set (the server's HS256 secret)", file=sys.stderr)
+        return 2
+    try:
+        token = issue_token(secret, sub=args.sub, topics=parse_patterns(args.topics),
+                            ttl=parse_ttl(args.ttl), publish=parse_patterns(args.publish))
+    except ValueError as exc:
+        reason = str(exc)
+        if reason.startswith("must be at least"):
+            reason = f"AUTH_SECRET {reason}"
+        print(f"tether token: {reason}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,11 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tether.watch import main as watch
 
         return watch(args.url, args.topics, args.ping_interval, args.ping_timeout,
-                     args.backoff, args.count)
+                     args.backoff, args.count, args.token)
     if args.command == "bench":
         from tether.benchtool import bench
 
         return bench(args.url, args.connections, args.messages, args.token, args.rtt_wait)
+    if args.command == "token":
+        return _token(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -17,6 +17,9 @@ class Close(IntEnum):
     MESSAGE_TOO_BIG = 1009  # §7.4.1: inbound message over WS_MAX_MESSAGE
     INTERNAL_ERROR = 1011  # §7.4.1: unexpected condition
     TRY_AGAIN_LATER = 1013  # IANA registry: slow consumer, resume later
+    # §7.4.2: 4000-4999 are for applications. tether's own (auth.py):
+    TOKEN_EXPIRED = 4001  # the connection's token reached `exp`: fetch a fresh one, reconnect
+    FORBIDDEN = 4003  # no token, or a bad one: retrying with the same token cannot help
 
 
 REASONS: dict[Close, str] = {
@@ -29,6 +32,8 @@ REASONS: dict[Close, str] = {
     Close.MESSAGE_TOO_BIG: "Message too big",
     Close.INTERNAL_ERROR: "Internal error",
     Close.TRY_AGAIN_LATER: "Too slow: buffer limit exceeded",
+    Close.TOKEN_EXPIRED: "Token expired",
+    Close.FORBIDDEN: "Forbidden",
 }
 
 HEARTBEAT_TIMEOUT = (Close.NORMAL, "Heartbeat timeout")
@@ -38,6 +43,20 @@ UNMASKED_FRAME = (Close.PROTOCOL_ERROR, "Protocol error: unmasked client frame")
 LONG_CONTROL_FRAME = (Close.PROTOCOL_ERROR, "Protocol error: control frame length")
 INVALID_CLOSE_CODE = (Close.PROTOCOL_ERROR, "Protocol error: invalid close code")
 FLOODING = (Close.POLICY_VIOLATION, REASONS[Close.POLICY_VIOLATION])
+TOKEN_EXPIRED = (Close.TOKEN_EXPIRED, REASONS[Close.TOKEN_EXPIRED])
+FORBIDDEN = (Close.FORBIDDEN, REASONS[Close.FORBIDDEN])
+
+
+class ClientClose(IntEnum):
+    """Codes the browser client (static/tether.js) closes its own socket with.
+
+    The server logs them in `WebSocket client disconnected`; they never collide
+    with the server's codes above.
+    """
+
+    FORCE_RECONNECT = 4000  # forceReconnect(): a new connection at once
+    LIVENESS_TIMEOUT = 4002  # its liveness ping went unanswered (SPEC §4)
+    CONNECT_TIMEOUT = 4008  # the socket did not open and greet it within connectTimeout
 
 # Codes a peer may put in a close frame (RFC 6455 §7.4.1, §7.4.2, and the IANA
 # registry): 1004-1006 and 1015 are reserved and must never be sent, 1016-2999

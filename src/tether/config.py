@@ -10,12 +10,15 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tether.errors import ConfigError
 from tether.idempotency import DEFAULT_WINDOW_MS
 from tether.proxies import Network, parse_trusted
 from tether.redact import redact_url
+
+if TYPE_CHECKING:
+    from tether.auth import PublicKey
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
@@ -53,10 +56,19 @@ class Settings:
     max_topics: int = 100
     max_per_address: int = 1_000
     frame_rate: int = 1_000
+    auth_secret: str | None = None  # HS256 connection tokens (auth.py)
+    auth_public_key: PublicKey | None = None  # RS256/ES256 connection tokens
+    public_topics: tuple[str, ...] = ()  # topic patterns readable without a token
+    admin_token: str | None = None  # bearer token of /api/connections, /metrics, full /health
 
     @property
     def heartbeat_enabled(self) -> bool:
         return self.heartbeat_interval_ms > 0
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Every WebSocket client needs a token (but for PUBLIC_TOPICS)."""
+        return self.auth_secret is not None or self.auth_public_key is not None
 
     @property
     def is_loopback(self) -> bool:
@@ -137,6 +149,28 @@ def _origins(raw: str) -> tuple[str, ...]:
         if origin != "*" and "://" not in origin:
             raise ValueError(f"each origin must look like scheme://host[:port], got {origin!r}")
     return items
+
+
+# The auth parsers import tether.auth (PyJWT, cryptography) only when the
+# variable is set: `tether publish` and `tether watch` start without them.
+
+
+def _auth_secret(raw: str) -> str | None:
+    from tether.auth import check_secret
+
+    return check_secret(raw) if raw.strip() else None
+
+
+def _public_key(raw: str) -> PublicKey | None:
+    from tether.auth import load_public_key
+
+    return load_public_key(raw) if raw.strip() else None
+
+
+def _patterns(raw: str) -> tuple[str, ...]:
+    from tether.auth import parse_patterns
+
+    return parse_patterns(raw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +325,34 @@ OPTIONS: tuple[Option, ...] = (
         "--frame-rate",
         "inbound frames a second per client, of every kind (a flood is closed 1008)",
     ),
+    Option(
+        "AUTH_SECRET",
+        "auth_secret",
+        _auth_secret,
+        "--auth-secret",
+        "HS256 secret (>= 32 bytes) of connection tokens; set: every client needs a token",
+    ),
+    Option(
+        "AUTH_PUBLIC_KEY",
+        "auth_public_key",
+        _public_key,
+        "--auth-public-key",
+        "PEM file of the RSA (RS256) or EC P-256 (ES256) key that verifies connection tokens",
+    ),
+    Option(
+        "PUBLIC_TOPICS",
+        "public_topics",
+        _patterns,
+        "--public-topics",
+        "comma list of topic patterns anyone may read without a token (needs auth on)",
+    ),
+    Option(
+        "ADMIN_TOKEN",
+        "admin_token",
+        _optional,
+        "--admin-token",
+        "bearer token of /api/connections, /metrics and the full /health",
+    ),
 )
 
 
@@ -328,10 +390,21 @@ def _check_relations(s: Settings) -> None:
             "WS_MAX_BUFFER",
             f"must be >= WS_BACKPRESSURE_HIGH ({s.backpressure_high}), got {s.max_buffer}",
         )
-    if not s.is_loopback and not s.publish_token:
+    if s.auth_secret is not None and s.auth_public_key is not None:
+        raise ConfigError(
+            "AUTH_PUBLIC_KEY",
+            "cannot be set with AUTH_SECRET: tokens are verified with one key (choose one)",
+        )
+    if s.public_topics and not s.auth_enabled:
+        raise ConfigError(
+            "PUBLIC_TOPICS",
+            "needs AUTH_SECRET or AUTH_PUBLIC_KEY: without them every topic is public already",
+        )
+    if not s.is_loopback and not s.publish_token and not s.auth_enabled:
         raise ConfigError(
             "PUBLISH_TOKEN",
-            f"is required when HOST is not a loopback address (HOST={s.host})",
+            f"is required when HOST is not a loopback address (HOST={s.host}), "
+            "unless AUTH_SECRET or AUTH_PUBLIC_KEY is set",
         )
     if s.workers > 1 and not s.redis_url:
         raise ConfigError("REDIS_URL", f"is required with --workers {s.workers} (> 1)")

@@ -135,18 +135,25 @@ class Fanout:
         Live messages of this connection wait in `conn.pending` while history is
         read (the Redis backplane reads over the network), then go out with
         duplicates dropped by seq: in order, exactly once. Raises ValueError when
-        the topics would pass WS_MAX_TOPICS (nothing is added then).
+        the topics would pass WS_MAX_TOPICS (nothing is added then). A topic the
+        connection's grant does not allow gets an `error` and nothing else: no
+        history, no resync.
         """
         if not since:
             return
         hub = self.hub
-        hub.subscribe(conn, self.registry.admit(conn, since, hub.settings.max_topics))
+        admission = self.registry.admit(conn, since, hub.settings.max_topics)
+        hub.access.refused_topics(conn, admission.refused)
+        if not admission.granted:
+            return
+        hub.subscribe(conn, admission.granted)
         self.stats.resumes += 1
         outer = conn.pending is not None
         if not outer:
             conn.pending = []
         try:
-            for topic, seq in since.items():
+            for topic in admission.granted:
+                seq = since[topic]
                 replay = await hub.backplane.since(topic, seq)
                 if conn.closing:
                     return

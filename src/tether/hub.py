@@ -3,6 +3,7 @@
 It composes the rooms and owns a connection's life (open, close, kill, forget):
 
     registry.py  who is connected and who reads which topic (pure)
+    access.py    who is let in and for how long: tokens, the auth deadline, expiry
     outbox.py    each client's frames on their way out, bounded in bytes; the writer
     inbound.py   what each frame a client sends does; rates, abuse, the JSON protocol
     fanout.py    each published message to every subscriber once, in order; resume
@@ -33,8 +34,10 @@ from typing import Any
 import orjson
 
 from tether import codes, frames, views
+from tether.access import Access
+from tether.auth import Grant
 from tether.backplane.base import Backplane
-from tether.clock import Clock, SystemClock, iso
+from tether.clock import Clock, SystemClock
 from tether.config import Settings
 from tether.fanout import Fanout
 from tether.heartbeat import Heartbeat
@@ -84,6 +87,7 @@ class Hub:
             if settings.heartbeat_enabled
             else None
         )
+        self.access = Access(self)
         self.inbound = Inbound(self)
         self.fanout = Fanout(self)
         self.pulse = HeartbeatDriver(self)
@@ -116,28 +120,30 @@ class Hub:
     # ------------------------------------------------------------------ a connection's life
 
     def open(
-        self, peer: Peer, remote: str, topics: Iterable[str] = (), session_id: str | None = None
+        self,
+        peer: Peer,
+        remote: str,
+        topics: Iterable[str] = (),
+        session_id: str | None = None,
+        token: str | None = None,
     ) -> Connection:
-        """Register a new connection and greet it with `connected` (SPEC §9)."""
+        """Register a new connection; admit it and greet it with `connected` (SPEC §9).
+
+        With auth on, it is admitted by `token` (the upgrade's `?token=`), as an
+        anonymous reader of PUBLIC_TOPICS, or once its `auth` message comes
+        (`access.py`); until then it is registered, pinged, and gets nothing.
+        """
         outbox = Outbox(peer, self.backpressure, self.writer)
         conn = Connection(session_id or str(uuid.uuid4()), self.clock.wall(), remote, outbox)
-        conn.topics.update(t for t in topics if t != BROADCAST_TOPIC)
+        if self.access.enabled:
+            conn.grant = None  # nothing, not even `*`, until it is admitted
         self.registry.add(conn)
         self.stats.connections_total += 1
         if self.heartbeat is not None:
             conn.beat = self.heartbeat.add(conn, self.clock.now())
             self.pulse.wake()
-        if self.greet:
-            self.send_control(
-                conn,
-                {
-                    "type": "connected",
-                    "sessionId": conn.session_id,
-                    "timestamp": iso(conn.connected_at),
-                },
-            )
+        self.access.open(conn, [t for t in topics if t != BROADCAST_TOPIC], token)
         self._watch()
-        ws_log.info("WebSocket client connected", sessionId=conn.session_id, remote=remote)
         return conn
 
     def detach(self, conn: Connection, code: int | None, reason: str) -> None:
@@ -146,11 +152,15 @@ class Hub:
             code, reason = conn.close_code, conn.close_reason
         conn.closing = True
         self._unregister(conn)
+        data: dict[str, Any] = {}
+        if conn.grant is not None and conn.grant.sub is not None:
+            data["sub"] = conn.grant.sub
         ws_log.info(
             "WebSocket client disconnected",
             sessionId=conn.session_id,
             code=code,
             reason=reason,
+            **data,
         )
 
     def _unregister(self, conn: Connection) -> None:
@@ -158,6 +168,7 @@ class Hub:
             self._watch()
         if conn.beat is not None and self.heartbeat is not None:
             self.heartbeat.remove(conn.beat)
+        self.access.forget(conn)
 
     def close(
         self, conn: Connection, code: int, reason: str, *, read: bool = True,
@@ -248,8 +259,19 @@ class Hub:
         self.registry.unsubscribe(conn, topics)
         self._watch()
 
+    def regrant(self, conn: Connection, grant: Grant) -> list[str]:
+        """Give `conn` a new grant (Registry.regrant); the topics it lost."""
+        lost = self.registry.regrant(conn, grant)
+        if lost:
+            self._watch()
+        return lost
+
     def _watch(self) -> None:
         self.backplane.watch(set(self.registry.topics()))
+
+    def watch_topics(self) -> None:
+        """Tell the backplane which topics this process reads now (after a change of them)."""
+        self._watch()
 
     # ------------------------------------------------------------------ writing
 
@@ -298,6 +320,9 @@ class Hub:
 
     def health(self) -> dict[str, Any]:
         return views.health(self)
+
+    def minimal_health(self) -> dict[str, Any]:
+        return views.minimal_health(self)
 
     def connections(self) -> list[dict[str, Any]]:
         return views.connections(self)

@@ -4,9 +4,10 @@ Frames arrive here already parsed, one call per frame kind: a pong (`pong_id`),
 a ping (`client_ping`), a text or binary message (`text`, `binary`), and a count
 of frames of every kind (`count_frames`). Each is held to its rate (`limits.py`);
 a client over a rate for long is closed 1008 and no longer read. Text messages
-are tether's JSON protocol (ping, subscribe, unsubscribe, resume) or go to the
-application's handlers. Numbers and topic lists a client names are validated
+are tether's JSON protocol (ping, subscribe, unsubscribe, resume, auth) or go to
+the application's handlers. Numbers and topic lists a client names are validated
 here, and a bad one is answered with `{"type":"error"}`: the connection stays.
+A connection waiting for its token (`access.py`) may send `auth` and nothing else.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def parse_topics(raw: object, limit: int = 100) -> list[str]:
         raise ValueError(exc.message) from None
 
 
-_PROTOCOL_TYPES = frozenset({"ping", "subscribe", "unsubscribe", "resume"})
+_PROTOCOL_TYPES = frozenset({"ping", "subscribe", "unsubscribe", "resume", "auth"})
 
 
 class Inbound:
@@ -240,6 +241,9 @@ class Inbound:
         """A binary message: for the application's handlers, else an error reply."""
         if not self._within_rate(conn):
             return
+        if conn.grant is None:  # waiting for its token: `auth` or nothing
+            self.hub.access.before_auth(conn)
+            return
         if self.handlers:
             await self._to_handlers(conn, data)
         else:
@@ -258,6 +262,9 @@ class Inbound:
         """A text message from the client: the client protocol of SPEC §4, §6, §7."""
         if not self._within_rate(conn):
             return
+        if conn.grant is None:  # waiting for its token: `auth` or nothing
+            await self._first(conn, data)
+            return
         try:
             msg = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -266,7 +273,10 @@ class Inbound:
             else:
                 self.client_error(conn, "invalid JSON")
             return
-        if not isinstance(msg, dict) or msg.get("type") not in _PROTOCOL_TYPES:
+        if not isinstance(msg, dict) or msg.get("type") not in _PROTOCOL_TYPES or (
+            # Without tokens, an application that speaks its own `auth` keeps it.
+            msg.get("type") == "auth" and self.handlers and not self.hub.access.enabled
+        ):
             if self.handlers:
                 await self._to_handlers(conn, data)
             elif not isinstance(msg, dict):
@@ -284,19 +294,39 @@ class Inbound:
                 hub.send_control(conn, reply)
             elif kind == "subscribe":
                 topics = parse_topics(msg.get("topics"), self.max_topics)
-                hub.subscribe(conn, hub.registry.admit(conn, topics, self.max_topics))
+                admission = hub.registry.admit(conn, topics, self.max_topics)
+                hub.subscribe(conn, admission.granted)
+                hub.access.refused_topics(conn, admission.refused)
                 hub.send_control(conn, {"type": "subscribed", "topics": sorted(conn.topics)})
             elif kind == "unsubscribe":
                 topics = parse_topics(msg.get("topics"), self.max_topics)
                 hub.unsubscribe(conn, topics)
                 hub.send_control(conn, {"type": "unsubscribed", "topics": topics})
-            else:  # resume
+            elif kind == "resume":
                 await hub.fanout.resume(conn, parse_since(msg.get("since"), self.max_topics))
+            else:  # auth: a fresh token (access.py)
+                await hub.access.auth(conn, msg.get("token"))
         except ValueError as exc:
             self.client_error(conn, str(exc))
 
+    async def _first(self, conn: Connection, data: str) -> None:
+        """A message from a connection still waiting for its token: `auth`, or it is closed."""
+        try:
+            msg = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            msg = None
+        if isinstance(msg, dict) and msg.get("type") == "auth":
+            await self.hub.access.auth(conn, msg.get("token"))
+        else:
+            self.hub.access.before_auth(conn)
+
     async def resume_query(self, conn: Connection, raw: str) -> None:
-        """The `?since=` of an upgrade: a resume whose error is answered, the connection kept."""
+        """The `?since=` of an upgrade: a resume whose error is answered, the connection kept.
+
+        A connection still waiting for its token keeps it until it is admitted.
+        """
+        if conn.closing or self.hub.access.hold_since(conn, raw):
+            return
         try:
             await self.hub.fanout.resume(conn, parse_since(raw, self.max_topics))
         except ValueError as exc:

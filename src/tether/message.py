@@ -19,7 +19,8 @@ from tether.errors import PublishError, Refusal
 BROADCAST_TOPIC = "*"
 # Types the server itself sends: a published event may not impersonate them,
 # in any letter case (compared case-folded).
-RESERVED_TYPES = frozenset({"connected", "pong", "subscribed", "unsubscribed", "resync", "error"})
+RESERVED_TYPES = frozenset({"connected", "pong", "subscribed", "unsubscribed", "resync", "error",
+                            "authenticated"})
 MAX_TOPIC_LENGTH = 200
 # The integers a JSON body can carry through tether exactly: orjson reads a
 # literal outside them as a float (silently rounded) and cannot write it back.
@@ -86,6 +87,9 @@ def check_topic(topic: object) -> str:
 
     Blank names and names with leading or trailing whitespace are refused too:
     `?topics=` strips its items, so such a topic could never be subscribed to.
+    So is a `*` in any name but the broadcast topic `*` itself: in a token,
+    `a.*` means every topic starting with `a.` (see `auth.py`), so no topic may
+    be named that way.
     """
     if not isinstance(topic, str) or not topic or len(topic) > MAX_TOPIC_LENGTH:
         raise PublishError(
@@ -95,6 +99,9 @@ def check_topic(topic: object) -> str:
     if topic.strip() != topic:
         raise PublishError(
             Refusal.INVALID, "topic must not be blank or start or end with whitespace")
+    if "*" in topic and topic != BROADCAST_TOPIC:
+        raise PublishError(Refusal.INVALID, "topic must not contain '*' (it is for patterns), "
+                                            "except the broadcast topic '*' itself")
     return topic
 
 

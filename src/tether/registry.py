@@ -2,19 +2,25 @@
 
 Every connection is registered when its WebSocket opens and removed exactly
 once when it closes, whatever closed it (peer, heartbeat, slow consumer,
-shutdown). Topic `*` reaches every connection; other topics reach their
-subscribers only.
+shutdown). Topic `*` reaches every connection whose grant reads it (every
+connection on a server without auth); other topics reach their subscribers
+only. What a connection may read is checked here, when it asks (`admit`), and
+when its grant changes (`regrant`), never per message.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+from tether.auth import OPEN, Grant
 from tether.heartbeat import Beat
 from tether.limits import TokenBucket
 from tether.message import BROADCAST_TOPIC, Message
 from tether.outbox import Outbox
+
+if TYPE_CHECKING:
+    from tether.clock import Timer
 
 
 class Peer(Protocol):
@@ -34,12 +40,15 @@ class Connection:
     """One client and its state."""
 
     __slots__ = (
+        "auth_timer",
         "beat",
         "close_code",
         "close_reason",
         "connected_at",
         "control_bucket",
         "frame_bucket",
+        "grant",
+        "held",
         "last_seq",
         "message_bucket",
         "outbox",
@@ -73,6 +82,11 @@ class Connection:
         self.reading = True  # False once closed for abuse: its bytes are no longer read
         # While a resume replays history, live messages wait here (None = live).
         self.pending: list[Message] | None = None
+        # What it may read and publish (auth.py); None while it waits for its
+        # first `auth` message, when it gets nothing and may send nothing else.
+        self.grant: Grant | None = OPEN
+        self.auth_timer: Timer | None = None  # the auth deadline, then the token's expiry
+        self.held: Held | None = None  # `?topics=` and `?since=` kept until it is admitted
 
     @property
     def closing(self) -> bool:
@@ -92,13 +106,28 @@ class Connection:
         return f"<Connection {self.session_id} {self.remote}>"
 
 
+class Held(NamedTuple):
+    """The topics and resume point of an upgrade URL, kept until the connection is admitted."""
+
+    topics: list[str]
+    since: str
+
+
+class Admission(NamedTuple):
+    """Topics a connection asked for: those it may read, and those its grant refuses."""
+
+    granted: list[str]
+    refused: list[str]
+
+
 class Registry:
-    """Connections by session id, and subscribers by topic."""
+    """Connections by session id, subscribers by topic, and who receives `*`."""
 
     def __init__(self) -> None:
         self._by_id: dict[str, Connection] = {}
         self._by_topic: dict[str, dict[Connection, None]] = {}
         self._by_remote: dict[str, int] = {}  # connections per client address
+        self._broadcast: dict[Connection, None] = {}  # those whose grant reads `*`
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -121,6 +150,8 @@ class Registry:
             raise ValueError(f"session {conn.session_id} is already registered")
         self._by_id[conn.session_id] = conn
         self._by_remote[conn.remote] = self._by_remote.get(conn.remote, 0) + 1
+        if conn.grant is not None and conn.grant.reads_broadcast:
+            self._broadcast[conn] = None
         for topic in conn.topics:
             self._by_topic.setdefault(topic, {})[conn] = None
 
@@ -134,26 +165,55 @@ class Registry:
             self._by_remote[conn.remote] = left
         else:
             del self._by_remote[conn.remote]
+        self._broadcast.pop(conn, None)
         for topic in conn.topics:
             self._unindex(topic, conn)
         return True
 
     @staticmethod
-    def admit(conn: Connection, topics: Iterable[str], limit: int) -> list[str]:
-        """`topics`, if `conn` may read them all without reading more than `limit`.
+    def admit(conn: Connection, topics: Iterable[str], limit: int) -> Admission:
+        """`topics` split by `conn`'s grant, if it reads no more than `limit` once granted.
 
         Every route that adds topics (`?topics=`, `subscribe`, `?since=`,
-        `resume`) comes through here, so one client's topics, and what the hub
-        and the backplane keep for them, stay bounded. Raises ValueError.
+        `resume`) comes through here, so what a client may read is checked in
+        one place, once, when it asks; and one client's topics, and what the
+        hub and the backplane keep for them, stay bounded. Raises ValueError
+        when the granted ones would pass `limit` (nothing is added then).
         """
         wanted = list(dict.fromkeys(topics))
-        new = sum(1 for t in wanted if t not in conn.topics and t != BROADCAST_TOPIC)
+        grant = conn.grant
+        if grant is None:  # not admitted yet: it reads nothing
+            return Admission([], wanted)
+        granted: list[str] = []
+        refused: list[str] = []
+        for topic in wanted:
+            (granted if grant.can_read(topic) else refused).append(topic)
+        new = sum(1 for t in granted if t not in conn.topics and t != BROADCAST_TOPIC)
         if new and len(conn.topics) + new > limit:
             raise ValueError(
                 f"topic limit: a client reads at most {limit} topics "
                 f"(it reads {len(conn.topics)}, asked for {new} more)"
             )
-        return wanted
+        return Admission(granted, refused)
+
+    def regrant(self, conn: Connection, grant: Grant) -> list[str]:
+        """Give `conn` a new grant; the topics it loses (`*` last if it loses the broadcast).
+
+        A refreshed token may grant less: the topics it no longer grants are
+        unsubscribed at once, and `*` stops reaching it. Topics it grants anew
+        are not subscribed: the client asks for them.
+        """
+        lost = sorted(t for t in conn.topics if not grant.can_read(t))
+        self.unsubscribe(conn, lost)
+        had_broadcast = conn in self._broadcast
+        conn.grant = grant
+        if conn in self:
+            if grant.reads_broadcast:
+                self._broadcast[conn] = None
+            elif had_broadcast:
+                del self._broadcast[conn]
+                lost.append(BROADCAST_TOPIC)
+        return lost
 
     def subscribe(self, conn: Connection, topics: list[str]) -> list[str]:
         """Add topics; returns those that were new."""
@@ -179,9 +239,9 @@ class Registry:
                 del self._by_topic[topic]
 
     def subscribers(self, topic: str) -> list[Connection]:
-        """A snapshot of who receives `topic` (everyone, for `*`)."""
+        """A snapshot of who receives `topic` (everyone whose grant reads it, for `*`)."""
         if topic == BROADCAST_TOPIC:
-            return list(self._by_id.values())
+            return list(self._broadcast)
         subs = self._by_topic.get(topic)
         return list(subs) if subs else []
 

@@ -19,12 +19,13 @@ import orjson
 from aiohttp import StreamReader, web
 
 from tether import metrics
+from tether.auth import OPEN, AuthError, Grant
 from tether.config import Settings
 from tether.errors import BackplaneError, PublishError, Refusal
 from tether.hub import Hub, parse_topics
 from tether.idempotency import check_key
 from tether.logs import get_logger
-from tether.message import check_integers
+from tether.message import BROADCAST_TOPIC, check_integers
 from tether.proxies import client_address
 from tether.stream import AiohttpPeer, ClientStream, serve
 
@@ -39,6 +40,15 @@ HTTP_STATUS = {Refusal.INVALID: 400, Refusal.TOO_LARGE: 413, Refusal.KEY_REUSED:
 
 def _refused(exc: PublishError) -> web.Response:
     return _error(HTTP_STATUS.get(exc.refusal, 400), exc.message)
+
+
+def _same(given: str, expected: str) -> bool:
+    """A header compared in constant time with what it must be.
+
+    aiohttp decodes header bytes with surrogateescape: they are encoded back the
+    same way, so a header that is not UTF-8 is refused, not an error.
+    """
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -160,6 +170,10 @@ class Routes:
         except ValueError as exc:
             return _error(400, str(exc))
         since = request.query.get("since", "")
+        # `?token=`: for simple clients; a URL shows in proxy logs, so clients that can
+        # send it as their first message (`{"type":"auth"}`) should. The hub checks it
+        # once the socket is open, so a bad one gets a close code (4003), not an HTTP status.
+        token = request.query.get("token")
         # aiohttp answers the upgrade; then tether reads and writes the socket
         # itself (stream.py), so aiohttp's own ping, close and compression
         # handling are off and its parser is never fed.
@@ -169,24 +183,58 @@ class Routes:
         if transport is None or transport.is_closing():
             return ws
         peer = AiohttpPeer(ws, transport)
-        conn = hub.open(peer, remote, topics)
+        conn = hub.open(peer, remote, topics, token=token)
         stream = ClientStream(transport.get_protocol(), transport, hub, conn,
                               self.settings.max_message)
         transport.set_protocol(stream)
         await serve(hub, conn, stream, peer, since)
         return ws
 
+    def publisher(self, request: web.Request) -> Grant | None:
+        """Who may publish what: PUBLISH_TOKEN (every topic), a JWT's `publish`, or None (401).
+
+        With neither PUBLISH_TOKEN nor auth configured, publishing is open (a
+        loopback HOST only: config.py refuses it otherwise).
+        """
+        token = self.settings.publish_token
+        given = request.headers.get("Authorization", "")
+        if token is not None and _same(given, f"Bearer {token}"):
+            return OPEN
+        verifier = self.hub.access.verifier
+        if verifier is not None:
+            scheme, _, value = given.partition(" ")
+            if scheme.lower() != "bearer" or not value:
+                return None
+            try:
+                return verifier.verify(value.strip(), self.hub.clock.wall())
+            except AuthError as exc:
+                log.debug("Publish token refused", reason=exc.reason, remote=self.remote(request))
+                return None
+        return OPEN if token is None else None
+
+    def admin(self, request: web.Request) -> web.Response | None:
+        """None when the request may see the operator views, else the answer to give.
+
+        ADMIN_TOKEN set: its bearer only (401). Unset: open, unless auth is on,
+        where the views stay closed (403), since they name every client.
+        """
+        token = self.settings.admin_token
+        if token is not None:
+            if _same(request.headers.get("Authorization", ""), f"Bearer {token}"):
+                return None
+            response = _error(401, "missing or wrong admin bearer token (ADMIN_TOKEN)")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="tether admin"'
+            return response
+        if self.settings.auth_enabled:
+            return _error(403, "closed: set ADMIN_TOKEN to open the operator views "
+                               "while AUTH_SECRET or AUTH_PUBLIC_KEY is set")
+        return None
+
     async def event(self, request: web.Request) -> web.Response:
         started = asyncio.get_running_loop().time()
-        token = self.settings.publish_token
-        if token is not None:
-            given = request.headers.get("Authorization", "")
-            expected = f"Bearer {token}"
-            # aiohttp decodes header bytes with surrogateescape: encode them back the
-            # same way, so a header that is not UTF-8 is a 401, not a 500.
-            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
-                                       expected.encode()):
-                return _error(401, "missing or wrong bearer token")
+        grant = self.publisher(request)
+        if grant is None:
+            return _error(401, "missing or wrong bearer token")
         # A page on another origin can POST a `text/plain` body with no preflight
         # (a CORS "simple request"): the Origin rule of the upgrade applies here too,
         # and only application/json, which a simple request cannot send, is read.
@@ -223,6 +271,10 @@ class Routes:
             event = orjson.loads(body)
         except orjson.JSONDecodeError:
             return _error(400, "body is not valid JSON")
+        if grant is not OPEN and isinstance(event, dict):
+            topic = event.get("topic", BROADCAST_TOPIC)
+            if isinstance(topic, str) and not grant.can_publish(topic):
+                return _error(403, f"this token may not publish to topic {topic[:200]!r}")
         try:
             check_integers(body)
             message = await self.hub.publish(event, key)
@@ -241,13 +293,23 @@ class Routes:
         return _json(reply, 202)
 
     async def health(self, request: web.Request) -> web.Response:
+        # A load balancer gets status, uptime and clients without a token; the rest
+        # (counters, backplane) is an operator view.
+        if self.admin(request) is not None:
+            return _json(self.hub.minimal_health())
         return _json(self.hub.health())
 
     async def metrics(self, request: web.Request) -> web.Response:
+        refused = self.admin(request)
+        if refused is not None:
+            return refused
         return web.Response(body=metrics.render(self.hub),
                             headers={"Content-Type": metrics.CONTENT_TYPE})
 
     async def connections(self, request: web.Request) -> web.Response:
+        refused = self.admin(request)
+        if refused is not None:
+            return refused
         conns = self.hub.connections()
         return _json({"count": len(conns), "connections": conns})
 

@@ -15,6 +15,7 @@ from tether.message import Priority
 
 if TYPE_CHECKING:
     from tether.hub import Hub
+    from tether.registry import Connection
 
 # Upper bounds (seconds) of the RTT histogram buckets in /metrics.
 RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -43,9 +44,22 @@ class Stats:
     replayed: int = 0
     client_errors: int = 0
     duplicates: int = 0  # publishes answered as a repeat of their idempotency key
+    auth_refused: int = 0  # connections closed for a bad or missing token (4003, 4001)
+    tokens_expired: int = 0  # connections closed at their token's exp (4001)
+    token_refreshes: int = 0  # fresh tokens taken by an open connection
+    topics_refused: int = 0  # topics asked for that a grant does not allow
     loop_lag: float = 0.0  # seconds, last measurement
     loop_lag_max: float = 0.0
     loop_stalls: int = 0
+
+
+def minimal_health(hub: Hub) -> dict[str, Any]:
+    """`GET /health` without the admin token: what a load balancer needs, and no more."""
+    return {
+        "status": "shutting_down" if hub.shutting_down else "ok",
+        "uptime": round(hub.clock.now() - hub.started_at, 3),
+        "clients": len(hub.registry),
+    }
 
 
 def health(hub: Hub) -> dict[str, Any]:
@@ -84,8 +98,25 @@ def health(hub: Hub) -> dict[str, Any]:
             "resumes": s.resumes,
             "resyncs": s.resyncs,
         },
+        "auth": {
+            "enabled": hub.access.enabled,
+            "refused": s.auth_refused,
+            "expired": s.tokens_expired,
+            "refreshes": s.token_refreshes,
+            "topicsRefused": s.topics_refused,
+        },
         "backplane": hub.backplane.state(),
     }
+
+
+def _access(hub: Hub, conn: Connection) -> str:
+    """How a connection was let in: open (no auth here), token, anonymous, or waiting."""
+    grant = conn.grant
+    if grant is None:
+        return "waiting"
+    if grant.sub is not None:
+        return "token"
+    return "anonymous" if hub.access.enabled else "open"
 
 
 def connections(hub: Hub) -> list[dict[str, Any]]:
@@ -102,9 +133,13 @@ def connections(hub: Hub) -> list[dict[str, Any]]:
             if beat.rtt is not None:
                 rtt = round(beat.rtt * 1000, 3)
         outbox = conn.outbox
+        grant = conn.grant
         out.append(
             {
                 "sessionId": conn.session_id,
+                "access": _access(hub, conn),
+                "sub": grant.sub if grant is not None else None,
+                "expiresAt": iso(grant.exp) if grant is not None and grant.exp else None,
                 "connectedAt": iso(conn.connected_at),
                 "remote": conn.remote,
                 "lastPong": last_pong,

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from tether.client import Client, State, StateChange
+from tether.client import Client, State, StateChange, Token
 from tether.clock import Clock, SystemClock, iso
 
 
@@ -31,6 +31,7 @@ class Watcher:
         self.drops = 0
         self.longest = 0.0
         self.connected_at: float | None = None
+        self.unauthorized = False
         self.done = asyncio.Event()
 
     def line(self, text: str) -> None:
@@ -50,6 +51,17 @@ class Watcher:
         self.line(f"message {orjson.dumps(msg).decode()}")
         if self.count is not None and self.messages >= self.count:
             self.done.set()
+
+    def on_control(self, msg: dict[str, Any]) -> None:
+        """The server's own messages worth a line: refusals, lost topics, token changes."""
+        kind = msg.get("type")
+        if kind == "error":
+            self.line(f"error: {msg.get('error')}")
+        elif kind == "unsubscribed":
+            self.line(f"unsubscribed {','.join(map(str, msg.get('topics') or []))}: "
+                      f"{msg.get('reason', 'as asked')}")
+        elif kind == "authenticated" and msg.get("sub") is not None:
+            self.line(f"authenticated sub={msg.get('sub')} expires in {msg.get('expiresIn')} s")
 
     def on_rtt(self, rtt: float) -> None:
         self.line(f"rtt {rtt * 1000:.1f} ms, up {self.up_for():.1f} s")
@@ -71,6 +83,10 @@ class Watcher:
             else:
                 self.line(f"attempt failed: {change.reason}")
             self.line(f"reconnecting in {change.delay or 0.0:.2f} s (attempt {change.attempt})")
+        elif state is State.UNAUTHORIZED:
+            self.unauthorized = True
+            self.line(f"unauthorized: {change.reason} (the token will not do: not reconnecting)")
+            self.done.set()
         elif state is State.DISCONNECTED:
             self.done.set()
 
@@ -90,8 +106,12 @@ async def watch(
     count: int | None = None,
     out: TextIO | None = None,
     clock: Clock | None = None,
+    token: Token | None = None,
 ) -> int:
-    """Watch until Ctrl+C, SIGTERM or `count` messages; 0 on a clean exit."""
+    """Watch until Ctrl+C, SIGTERM or `count` messages; 0 on a clean exit, 1 when unauthorized.
+
+    `token`: a connection token, or a function giving a fresh one (see `Client`).
+    """
     clock = clock or SystemClock()
     w = Watcher(out or sys.stdout, clock, count)
     client = Client(
@@ -100,6 +120,7 @@ async def watch(
         on_message=w.on_message,
         on_state=w.on_state,
         on_rtt=w.on_rtt,
+        on_control=w.on_control,
         iterate=False,
         ping_interval=ping_interval,
         ping_timeout=ping_timeout,
@@ -107,6 +128,7 @@ async def watch(
         backoff_base=backoff,
         backoff_cap=max(30.0, backoff),
         clock=clock,
+        token=token,
     )
     loop = asyncio.get_running_loop()
     stoppers = (signal.SIGINT, signal.SIGTERM)
@@ -121,16 +143,17 @@ async def watch(
             loop.remove_signal_handler(sig)
         await client.close()
         w.line(w.summary())
-    return 0
+    return 1 if w.unauthorized else 0
 
 
 def main(url: str, topics: str | None, ping_interval: float, ping_timeout: float,
-         backoff: float, count: int | None) -> int:
+         backoff: float, count: int | None, token: str | None = None) -> int:
     """`tether watch`: the CLI passes its parsed arguments here."""
     names = [t.strip() for t in (topics or "").split(",") if t.strip()]
     try:
         return asyncio.run(watch(url, topics=names, ping_interval=ping_interval,
-                                 ping_timeout=ping_timeout, backoff=backoff, count=count))
+                                 ping_timeout=ping_timeout, backoff=backoff, count=count,
+                                 token=token or None))
     except ValueError as exc:
         print(f"tether watch: {exc}", file=sys.stderr)
         return 2

@@ -185,7 +185,7 @@ test("a connection that never opens (server stopped) times out", () => {
   assert.equal(c.state, "connecting");
   clock.advance(1);
   assert.equal(c.state, "reconnecting");
-  assert.equal(sockets[1].closed.code, 4001);
+  assert.equal(sockets[1].closed.code, 4008); // CODES.CONNECT_TIMEOUT: 4001 is the server's "Token expired"
 });
 
 test("page events are listened to only while a connection is wanted", () => {

@@ -22,16 +22,17 @@ from tether.client.logic import (
     Verdict,
     classify,
     overslept,
+    refresh_delay,
     since_param,
 )
 
 if TYPE_CHECKING:
-    from tether.client.driver import Client, State, StateChange
+    from tether.client.driver import Client, State, StateChange, Token
     from tether.client.urls import connect_url, http_url, ws_url
 
 # The driver (aiohttp) and the URL helpers (yarl) load on first use (PEP 562), so
 # importing the pure logic pulls in no I/O library.
-_LAZY = {"Client": "driver", "State": "driver", "StateChange": "driver",
+_LAZY = {"Client": "driver", "State": "driver", "StateChange": "driver", "Token": "driver",
          "connect_url": "urls", "http_url": "urls", "ws_url": "urls"}
 
 
@@ -52,11 +53,13 @@ __all__ = [
     "SeqTracker",
     "State",
     "StateChange",
+    "Token",
     "Verdict",
     "classify",
     "connect_url",
     "http_url",
     "overslept",
+    "refresh_delay",
     "since_param",
     "ws_url",
 ]

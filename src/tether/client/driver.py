@@ -6,6 +6,11 @@ async with Client("ws://localhost:4011/ws", topics=["orders"]) as client:
         print(msg["topic"], msg["seq"], msg)
 ```
 
+With `token=` (a string, or a function giving a fresh one), the client sends
+`{"type":"auth","token"}` first on every connection, subscribes and resumes
+once the server has said `authenticated`, and, with a function, fetches a new
+token before the last one expires.
+
 The decisions are pure (`logic.py`: backoff, sleep detection, seq tracking,
 liveness, message kinds) and tested without sleeping; `Client` here is the
 thin aiohttp driver around them.
@@ -27,7 +32,9 @@ import orjson
 from aiohttp import WSMsgType
 
 from tether.client.logic import (
+    FORBIDDEN,
     JSON,
+    TOKEN_EXPIRED,
     Backoff,
     Kind,
     Liveness,
@@ -35,6 +42,7 @@ from tether.client.logic import (
     Verdict,
     classify,
     overslept,
+    refresh_delay,
 )
 from tether.client.urls import connect_url, http_url, ws_url
 from tether.clock import Clock, SystemClock
@@ -52,6 +60,12 @@ class State(enum.Enum):
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"
     DISCONNECTED = "disconnected"  # closed by the application: final
+    UNAUTHORIZED = "unauthorized"  # the server refused the token (4003): final
+
+
+# A connection token: the JWT itself, or a function (sync or async) that gives a
+# fresh one; it is called before each connection and before the last one expires.
+Token = str | Callable[[], str | Awaitable[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +106,12 @@ class Client:
     reconnect delays, `stable_after` the time a connection must last for the
     backoff to start over, `sleep_slack` how much longer than scheduled a wait
     must take to count as a sleep (which also resets the backoff).
+
+    `token` (see `Token`) authenticates each connection with its first message;
+    it is also the bearer of `publish` unless `publish_token` is given. A
+    server that refuses it (close 4003, or 4001 when no function can give a
+    fresh one) ends the client in state `unauthorized`. `refresh_margin`: how
+    long before expiry a fresh token is fetched (at most; see `refresh_delay`).
     """
 
     def __init__(
@@ -100,7 +120,9 @@ class Client:
         *,
         topics: Iterable[str] = (),
         since: Mapping[str, int] | None = None,
-        token: str | None = None,
+        token: Token | None = None,
+        publish_token: str | None = None,
+        refresh_margin: float = 30.0,
         on_message: MessageCallback | None = None,
         on_state: StateCallback | None = None,
         on_rtt: RttCallback | None = None,
@@ -128,6 +150,12 @@ class Client:
         initial.update(since or {})
         self.tracker = SeqTracker(initial)
         self.token = token
+        self.publish_token = publish_token
+        self.refresh_margin = refresh_margin
+        self._token_value: str | None = token if isinstance(token, str) else None
+        self._admitted = False  # this connection may send (auth said `authenticated`)
+        self._awaiting_subscribed = False  # its topics asked for after `authenticated`
+        self._refresh_at: float | None = None  # clock.now() to fetch a fresh token at
         self.on_message = on_message
         self.on_state = on_state
         self.on_rtt = on_rtt
@@ -149,6 +177,7 @@ class Client:
         self.rtt: float | None = None  # seconds, from the last app-level ping
         self.connections = 0  # connections opened
         self.reconnects = 0  # connections opened after the first
+        self.sub: str | None = None  # the token's user, as the server read it
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._task: asyncio.Task[None] | None = None
@@ -261,8 +290,9 @@ class Client:
             body["topic"] = topic
         if priority is not None:
             body["priority"] = priority
+        bearer = self.publish_token or self._token_value
         status, reply, _ = await publish_retrying(
-            http_url(self.url), body, self.token, key=key, attempts=attempts,
+            http_url(self.url), body, bearer, key=key, attempts=attempts,
             on_retry=_log_retry)
         if status != 202:
             raise PublishError(REFUSALS.get(status, Refusal.REFUSED),
@@ -276,10 +306,17 @@ class Client:
     # ------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
+        final, why = State.DISCONNECTED, None
         try:
             while not self._closing:
-                up_for, reason = await self._connect_once()
+                up_for, reason, code = await self._connect_once()
                 if self._closing:
+                    break
+                if code == FORBIDDEN or (code == TOKEN_EXPIRED and not callable(self.token)):
+                    # The same token cannot do better: retrying would be refused again.
+                    log.warn("Token refused, not reconnecting", url=str(self.url), code=code,
+                             reason=reason)
+                    final, why = State.UNAUTHORIZED, reason
                     break
                 if up_for is not None and up_for >= self.stable_after:
                     self.backoff.reset()
@@ -300,9 +337,10 @@ class Client:
             self._queue.put_nowait(exc)
         finally:
             self._connected.clear()
-            self.state = State.DISCONNECTED
+            self.state = final
             with contextlib.suppress(Exception):
-                await self._emit_state(StateChange(State.DISCONNECTED, session_id=self.session_id))
+                await self._emit_state(StateChange(final, session_id=self.session_id,
+                                                   reason=why))
             self._queue.put_nowait(_END)
 
     async def _pause(self, delay: float) -> None:
@@ -313,11 +351,26 @@ class Client:
                 await self._wake.wait()
         self._skip_delay = False
 
-    async def _connect_once(self) -> tuple[float | None, str]:
-        """One connection, from handshake to close: (seconds it was up or None, why it ended)."""
+    async def _connect_once(self) -> tuple[float | None, str, int | None]:
+        """One connection, from handshake to close.
+
+        (seconds it was up or None, why it ended, the server's close code or None).
+        """
         await self._set_state(StateChange(State.CONNECTING, self.backoff.attempt))
         assert self._session is not None
-        url = connect_url(self.url, self.topics, self.tracker.since())
+        self._admitted = self.token is None
+        self._awaiting_subscribed = False
+        self._refresh_at = None
+        if self.token is None:
+            url = connect_url(self.url, self.topics, self.tracker.since())
+        else:
+            try:
+                self._token_value = await self._fresh_token()
+            except Exception as exc:  # the application's token source failed: retry later
+                log.warn("Cannot get a token", url=str(self.url), error=_describe(exc))
+                return None, f"cannot get a token: {_describe(exc)}", None
+            # Topics and resume point follow `authenticated`: the token is read first.
+            url = connect_url(self.url, (), {})
         try:
             async with asyncio.timeout(self.connect_timeout):
                 ws = await self._session.ws_connect(
@@ -329,40 +382,68 @@ class Client:
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self.close_timeout),
                 )
         except TimeoutError:
-            return None, f"connect timed out after {self.connect_timeout:g} s"
+            return None, f"connect timed out after {self.connect_timeout:g} s", None
         except (aiohttp.ClientError, OSError) as exc:
-            return None, f"connect failed: {_describe(exc)}"
+            return None, f"connect failed: {_describe(exc)}", None
         self._ws = ws
         opened = self.clock.now()
+        code: int | None = None
         try:
             if self._closing:
-                return 0.0, "closed"
-            reason = await self._read(ws)
+                return 0.0, "closed", None
+            if self._token_value is not None and self.token is not None:
+                await self._send_now(ws, {"type": "auth", "token": self._token_value})
+            reason, code = await self._read(ws)
         finally:
             self._ws = None
             self._connected.clear()
             await self._close_ws(ws)
-        return self.clock.now() - opened, reason
+        return self.clock.now() - opened, reason, code
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> str:
-        """Read one connection until it ends; why it ended."""
+    async def _fresh_token(self) -> str:
+        token = self.token
+        if token is None or isinstance(token, str):
+            return token or ""
+        value = token()
+        if inspect.isawaitable(value):
+            value = await value
+        if not isinstance(value, str) or not value:
+            raise ValueError("the token function must give a non-empty string")
+        return value
+
+    async def _refresh(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Send a fresh token before the last one expires (its answer re-arms this)."""
+        self._refresh_at = None
+        try:
+            self._token_value = await self._fresh_token()
+        except Exception as exc:  # the server closes at exp (4001); reconnecting asks again
+            log.warn("Cannot refresh the token", url=str(self.url), error=_describe(exc))
+            return
+        await self._send_now(ws, {"type": "auth", "token": self._token_value})
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> tuple[str, int | None]:
+        """Read one connection until it ends; why it ended, and the server's close code."""
         clock = self.clock
         live = Liveness(self.ping_interval, self.ping_timeout, clock.wall(), self.ping_periodic)
         while True:
             wait = max(live.next_check(clock.wall()), 0.001)
+            if self._refresh_at is not None:
+                wait = max(min(wait, self._refresh_at - clock.now()), 0.001)
             asked = clock.wall()
             try:
                 msg = await ws.receive(timeout=wait)
             except TimeoutError:
+                if self._refresh_at is not None and clock.now() >= self._refresh_at:
+                    await self._refresh(ws)
                 now = clock.wall()
                 late = overslept(wait, now - asked, max(1.0, wait))
                 verdict = live.check(now, late)
-                if verdict is Verdict.PING:
+                if verdict is Verdict.PING and self._admitted:
                     await self._send_ping(ws, live, now)
                 elif verdict is Verdict.DEAD:
                     log.warn("No answer to ping, reconnecting", url=str(self.url),
                              timeoutMs=round(self.ping_timeout * 1000))
-                    return f"no answer to ping within {self.ping_timeout:g} s"
+                    return f"no answer to ping within {self.ping_timeout:g} s", None
                 continue
             live.received(clock.wall())
             kind = msg.type
@@ -371,11 +452,12 @@ class Client:
             elif kind is WSMsgType.PING:
                 await ws.pong(msg.data)  # RFC 6455 §5.5.3: echo the payload
             elif kind is WSMsgType.CLOSE:
-                return f"closed by server: {msg.data} {msg.extra or ''}".rstrip()
+                code = msg.data if isinstance(msg.data, int) else None
+                return f"closed by server: {msg.data} {msg.extra or ''}".rstrip(), code
             elif kind is WSMsgType.ERROR:
-                return f"connection error: {_describe(msg.data)}"
+                return f"connection error: {_describe(msg.data)}", None
             elif kind in (WSMsgType.CLOSED, WSMsgType.CLOSING):
-                return "connection lost"
+                return "connection lost", ws.close_code
             # PONG and BINARY: proof of life only
 
     async def _send_ping(
@@ -411,13 +493,47 @@ class Client:
             self.connections += 1
             if self.connections > 1:
                 self.reconnects += 1
-            self._connected.set()
-            await self._set_state(StateChange(State.CONNECTED, self.backoff.attempt,
-                                              session_id=self.session_id))
+            if self.token is None:
+                await self._ready()
+        elif msg.get("type") == "authenticated" and self.token is not None:
+            await self._authenticated(msg)
+            await _call(self.on_control, msg)
+        elif msg.get("type") == "subscribed" and self._awaiting_subscribed:
+            self._awaiting_subscribed = False
+            await _call(self.on_control, msg)
+            await self._ready()
         else:
             if msg.get("type") == "error":
-                log.warn("Server reported an error", error=msg.get("error"))
+                log.warn("Server reported an error", error=msg.get("error"),
+                         topic=msg.get("topic"))
             await _call(self.on_control, msg)
+
+    async def _authenticated(self, msg: JSON) -> None:
+        """The server took our token: arm the refresh; the first time, ask for our topics."""
+        expires_in = msg.get("expiresIn")
+        if callable(self.token) and isinstance(expires_in, (int, float)):
+            delay = refresh_delay(float(expires_in), self.refresh_margin)
+            self._refresh_at = self.clock.now() + delay
+        sub = msg.get("sub")
+        self.sub = sub if isinstance(sub, str) else None
+        if self._admitted:
+            return  # a refresh
+        self._admitted = True
+        since = self.tracker.since()
+        if not since and not self.topics:
+            await self._ready()
+            return
+        if since:
+            await self._send({"type": "resume", "since": since})
+        # The server answers in order: its `subscribed` says the resume is done too,
+        # so `connected` means what was asked for flows (as with `?topics=`).
+        self._awaiting_subscribed = True
+        await self._send({"type": "subscribe", "topics": sorted(self.topics)})
+
+    async def _ready(self) -> None:
+        self._connected.set()
+        await self._set_state(StateChange(State.CONNECTED, self.backoff.attempt,
+                                          session_id=self.session_id))
 
     async def _deliver(self, msg: JSON) -> None:
         await _call(self.on_message, msg)
@@ -429,8 +545,12 @@ class Client:
 
     async def _send(self, msg: JSON) -> None:
         ws = self._ws
-        if ws is None or ws.closed:
-            return  # sent with the next connection's URL
+        if ws is None or ws.closed or not self._admitted:
+            return  # sent with the next connection's URL, or once `authenticated` comes
+        await self._send_now(ws, msg)
+
+    @staticmethod
+    async def _send_now(ws: aiohttp.ClientWebSocketResponse, msg: JSON) -> None:
         with contextlib.suppress(ConnectionError, aiohttp.ClientError):
             await ws.send_str(orjson.dumps(msg).decode())
 

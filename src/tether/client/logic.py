@@ -4,7 +4,8 @@ Each takes `now` and randomness as arguments, so it is tested without sleeping:
 `Backoff` (reconnect delays), `overslept` (was the process asleep?),
 `SeqTracker` (last seq per topic, duplicates, the `since` to resume from),
 `Liveness` (when to send an app-level ping, when a silent connection is dead),
-and `classify` (what a server message is). (The URLs it connects to: urls.py.)
+`classify` (what a server message is) and `refresh_delay` (when to fetch a fresh
+token). (The URLs it connects to: urls.py.)
 """
 
 from __future__ import annotations
@@ -214,3 +215,19 @@ def classify(msg: Mapping[str, Any]) -> Kind:
     if kind == "pong":
         return Kind.PONG
     return Kind.CONTROL
+
+
+# Close codes of the server that say "your token": expired (fetch a fresh one and
+# reconnect), and forbidden (the same token will never do). tether.codes names them.
+TOKEN_EXPIRED = 4001
+FORBIDDEN = 4003
+
+
+def refresh_delay(expires_in: float, margin: float = 30.0) -> float:
+    """Seconds from now to fetch a fresh token for one that expires in `expires_in` seconds.
+
+    Ahead of expiry by `margin`, or by a fifth of what is left when that is
+    less (a 2 s token is refreshed at 1.6 s), so the new one arrives in time.
+    """
+    left = max(0.0, expires_in)
+    return max(0.0, left - min(margin, left / 5))

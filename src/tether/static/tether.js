@@ -27,6 +27,12 @@
 // - It keeps the last `seq` of each topic and reconnects with
 //   `?topics=...&since=topic:seq,...`, so the server replays what was missed
 //   (SPEC §7); a gap older than the server's history arrives as a `resync` event.
+// - With a `token` (or `getToken()`, an async function called before each
+//   connect and again before the token expires), it sends {"type":"auth","token"}
+//   first, then resumes and subscribes once the server says `authenticated`,
+//   so the token stays out of URLs. A server that refuses the token (close 4003,
+//   or 4001 when there is no getToken to ask for a fresh one) ends in state
+//   `unauthorized`: retrying with it cannot succeed.
 //
 // The decisions (backoff delays, sleep detection, watchdog deadlines, the
 // reconnect URL) are pure functions exported below, tested in Node with an
@@ -46,6 +52,18 @@ export const DEFAULTS = Object.freeze({
   lateBy: 5000, // ms a timer may fire late before we call it a sleep
   checkInterval: 0, // ms between watchdog checks; 0: derived from the above
   autoConnect: false, // connect from the constructor
+  token: null, // a connection token (JWT), sent as the first message
+  getToken: null, // async () => token: called before each connect and before expiry
+  refreshMargin: 30000, // ms: fetch a fresh token at most this long before expiry
+});
+
+// Close codes (tether.codes): the server's, and the ones this client closes with.
+export const CODES = Object.freeze({
+  TOKEN_EXPIRED: 4001, // server: the token reached its exp
+  FORBIDDEN: 4003, // server: no token, or a bad one
+  FORCE_RECONNECT: 4000, // client: forceReconnect()
+  LIVENESS_TIMEOUT: 4002, // client: the liveness ping went unanswered
+  CONNECT_TIMEOUT: 4008, // client: no greeting within connectTimeout
 });
 
 // ---------------------------------------------------------------- pure parts
@@ -119,6 +137,27 @@ export function connectUrl(base, topics = [], lastSeq = {}) {
   return url.toString();
 }
 
+/**
+ * When to fetch a fresh token for one that expires in `expiresInMs`: ahead of
+ * expiry by `margin`, or by a fifth of what is left when that is less (a 2 s
+ * token is refreshed after 1.6 s), so the new one is in place in time.
+ */
+export function refreshDelay(expiresInMs, margin = 30000) {
+  const left = Math.max(0, Number(expiresInMs) || 0);
+  return Math.max(0, left - Math.min(margin, left / 5));
+}
+
+/**
+ * What to do after the server closed with `code`: "retry" (reconnect with
+ * backoff) or "unauthorized" (stop: the same token would be refused again).
+ * An expired token (4001) is retried only when `getToken` can give a fresh one.
+ */
+export function afterClose(code, { canRefresh = false } = {}) {
+  if (code === CODES.FORBIDDEN) return "unauthorized";
+  if (code === CODES.TOKEN_EXPIRED && !canRefresh) return "unauthorized";
+  return "retry";
+}
+
 /** ws(s)://host/ws for the page this module runs in. */
 export function defaultUrl(loc = globalThis.location) {
   if (!loc) throw new Error("tether: no `url` given and no page location to derive it from");
@@ -127,7 +166,7 @@ export function defaultUrl(loc = globalThis.location) {
 
 // ---------------------------------------------------------------- the client
 
-const STATES = ["idle", "connecting", "connected", "reconnecting", "disconnected"];
+const STATES = ["idle", "connecting", "connected", "reconnecting", "disconnected", "unauthorized"];
 
 /**
  * A connection to a tether hub that stays up: reconnect, watchdog, resume.
@@ -135,10 +174,13 @@ const STATES = ["idle", "connecting", "connected", "reconnecting", "disconnected
  * Events (`on(name, cb)` returns a function that removes `cb`):
  * - "message" (msg): every published message, with `topic` and `seq`;
  * - "state" ({state, attempt, delay?, code?, reason?}), and the same under
- *   the state's own name: "connecting", "connected", "reconnecting", "disconnected";
+ *   the state's own name: "connecting", "connected", "reconnecting", "disconnected",
+ *   "unauthorized" (the server refused the token: no more retries until connect());
  * - "resync" ({topic, seq}): a gap older than the server's history; refetch state;
  * - "rtt" (ms): the round trip of a liveness ping;
- * - "error" (msg): the server refused something we sent ({"type":"error"});
+ * - "error" (msg): the server refused something we sent ({"type":"error"}; a
+ *   topic the token does not grant comes with `topic`), or getToken() failed;
+ * - "authenticated" (msg): the server took a token ({sub, exp, expiresIn});
  * - "control" (msg): any other server message (subscribed, unsubscribed, ...).
  */
 export class TetherClient {
@@ -168,6 +210,8 @@ export class TetherClient {
     for (const [topic, seq] of Object.entries(o.since ?? {})) this.lastSeq[topic] = seq;
     this.received = 0;
     this.duplicates = 0;
+    this.sub = null; // the token's user, as the server read it
+    this.expiresAt = null; // ms (this clock) when the server will close for expiry
 
     this._handlers = new Map();
     this._ws = null;
@@ -180,6 +224,11 @@ export class TetherClient {
     this._lastReceived = 0;
     this._ping = null; // {id, sentAt, perf, hidden}
     this._pingId = 0;
+    this._token = o.token; // the token of the current connection
+    this._admitted = false; // may this connection send (authenticated, or no token)?
+    this._awaitingSubscribed = false;
+    this._refresh = null; // timer of the next getToken() for this connection
+    this._attemptId = 0; // getToken() answers for an older attempt are dropped
 
     this._onVisibility = () => this._wake(this._hidden() ? "hidden" : "visible");
     this._onOnline = () => this._wake("online");
@@ -219,7 +268,7 @@ export class TetherClient {
   forceReconnect(reason = "force reconnect") {
     this._want(true);
     this._cancelRetry();
-    this._drop(4000, reason);
+    this._drop(CODES.FORCE_RECONNECT, reason);
     this.attempt = 0;
     this._open();
   }
@@ -241,6 +290,17 @@ export class TetherClient {
     if (list.length) this._send({ type: "unsubscribe", topics: list });
   }
 
+  /** Use `token` (or none: null) from the next connection on; forceReconnect() to use it now. */
+  setToken(token) {
+    this.options.token = token || null;
+    this._token = this.options.token;
+  }
+
+  /** Whether connections carry a token (`token` or `getToken`). */
+  get usesToken() {
+    return Boolean(this.options.getToken || this.options.token);
+  }
+
   /** Send a liveness ping now (the answer updates `rtt`); false when not connected. */
   ping() {
     if (!this._isOpen()) return false;
@@ -249,13 +309,18 @@ export class TetherClient {
     return this._send({ type: "ping", id });
   }
 
-  /** The URL the next connection will use (with topics and since). */
+  /** The URL the next connection will use (with topics and since, unless a token is sent). */
   nextUrl() {
+    if (this.usesToken) return connectUrl(this.url, [], {}); // asked for once authenticated
+    return connectUrl(this.url, [...this.topics], this._since());
+  }
+
+  _since() {
     const since = {};
     for (const [topic, seq] of Object.entries(this.lastSeq)) {
       if (topic === "*" || this.topics.has(topic)) since[topic] = seq;
     }
-    return connectUrl(this.url, [...this.topics], since);
+    return since;
   }
 
   // ---- connection
@@ -273,6 +338,32 @@ export class TetherClient {
     this._connects += 1;
     if (this._connects > 1) this.reconnects += 1;
     this._setState("connecting", { attempt: this.attempt });
+    const attempt = ++this._attemptId;
+    const getToken = this.options.getToken;
+    if (!getToken) {
+      this._openSocket();
+      return;
+    }
+    // A fresh token before each connect; an answer for an attempt given up meanwhile is dropped.
+    this._retry = { timer: null, due: this._now(), delay: 0, fetching: true };
+    Promise.resolve()
+      .then(() => getToken())
+      .then((token) => {
+        if (attempt !== this._attemptId || !this._wanted) return;
+        this._retry = null;
+        if (typeof token !== "string" || !token) throw new Error("getToken() gave no token");
+        this._token = token;
+        this._openSocket();
+      })
+      .catch((err) => {
+        if (attempt !== this._attemptId || !this._wanted) return;
+        this._retry = null;
+        this._emit("error", { type: "error", error: `getToken() failed: ${err?.message ?? err}` });
+        this._scheduleRetry({ code: 1006, reason: "getToken() failed" });
+      });
+  }
+
+  _openSocket() {
     let ws;
     try {
       ws = new this._WebSocket(this.nextUrl());
@@ -288,7 +379,7 @@ export class TetherClient {
     ws.onerror = () => {}; // a close event follows
     this._connectTimer = this._setTimeout(() => {
       this._connectTimer = null;
-      if (this._ws === ws && this.state !== "connected") this._lost(4001, "connect timeout");
+      if (this._ws === ws && this.state !== "connected") this._lost(CODES.CONNECT_TIMEOUT, "connect timeout");
     }, this.options.connectTimeout);
   }
 
@@ -296,19 +387,80 @@ export class TetherClient {
     this._openedAt = this._now();
     this._lastReceived = this._openedAt;
     this._ping = null;
+    this._admitted = !this.usesToken;
+    this._awaitingSubscribed = false;
+    if (this.usesToken) this._sendRaw({ type: "auth", token: this._token });
     this._armCheck();
   }
 
   _greeted(msg) {
+    this.sessionId = msg.sessionId ?? null;
+    if (!this.usesToken) this._ready();
+  }
+
+  /** What was asked for flows: the connection is up. */
+  _ready() {
     if (this._connectTimer !== null) {
       this._clearTimeout(this._connectTimer);
       this._connectTimer = null;
     }
-    this.sessionId = msg.sessionId ?? null;
     this._setState("connected", { attempt: this.attempt, sessionId: this.sessionId });
   }
 
+  _authenticated(msg) {
+    this.sub = msg.sub ?? null;
+    const expiresIn = Number.isFinite(msg.expiresIn) ? msg.expiresIn * 1000 : null;
+    this.expiresAt = expiresIn === null ? null : this._now() + expiresIn;
+    this._cancelRefresh();
+    if (expiresIn !== null && this.options.getToken) {
+      const ws = this._ws;
+      this._refresh = this._setTimeout(() => this._refreshToken(ws),
+        refreshDelay(expiresIn, this.options.refreshMargin));
+    }
+    this._emit("authenticated", msg);
+    if (this._admitted) return; // a refresh
+    this._admitted = true;
+    const since = this._since();
+    if (!Object.keys(since).length && !this.topics.size) {
+      this._ready();
+      return;
+    }
+    if (Object.keys(since).length) this._send({ type: "resume", since });
+    // The server answers in order: its `subscribed` says the resume is done too.
+    this._awaitingSubscribed = true;
+    this._send({ type: "subscribe", topics: [...this.topics] });
+  }
+
+  async _refreshToken(ws) {
+    this._refresh = null;
+    let token;
+    try {
+      token = await this.options.getToken();
+    } catch (err) {
+      // The server closes at exp (4001); the reconnect asks getToken() again.
+      this._emit("error", { type: "error", error: `getToken() failed: ${err?.message ?? err}` });
+      return;
+    }
+    if (this._ws !== ws || typeof token !== "string" || !token) return;
+    this._token = token;
+    this._sendRaw({ type: "auth", token });
+  }
+
+  _cancelRefresh() {
+    if (this._refresh !== null) {
+      this._clearTimeout(this._refresh);
+      this._refresh = null;
+    }
+  }
+
   _closed(code, reason) {
+    if (afterClose(code, { canRefresh: Boolean(this.options.getToken) }) === "unauthorized") {
+      this._drop(1000, reason);
+      this._want(false);
+      this.attempt = 0;
+      this._setState("unauthorized", { code, reason });
+      return;
+    }
     this._lost(code, reason);
   }
 
@@ -323,7 +475,9 @@ export class TetherClient {
   _drop(code, reason) {
     const ws = this._ws;
     this._ws = null;
+    this._admitted = false;
     this._cancelCheck();
+    this._cancelRefresh();
     if (this._connectTimer !== null) {
       this._clearTimeout(this._connectTimer);
       this._connectTimer = null;
@@ -370,9 +524,10 @@ export class TetherClient {
 
   _cancelRetry() {
     if (this._retry) {
-      this._clearTimeout(this._retry.timer);
+      if (this._retry.timer !== null) this._clearTimeout(this._retry.timer);
       this._retry = null;
     }
+    this._attemptId += 1; // a getToken() under way is for an attempt given up
   }
 
   // ---- inbound
@@ -416,6 +571,16 @@ export class TetherClient {
           this._emit("resync", { topic: msg.topic, seq: msg.seq ?? 0 });
         }
         break;
+      case "authenticated":
+        this._authenticated(msg);
+        break;
+      case "subscribed":
+        this._emit("control", msg);
+        if (this._awaitingSubscribed) {
+          this._awaitingSubscribed = false;
+          this._ready();
+        }
+        break;
       case "error":
         this._emit("error", msg);
         break;
@@ -426,6 +591,11 @@ export class TetherClient {
 
   _send(obj) {
     if (!this._isOpen()) return false;
+    return this._sendRaw(obj);
+  }
+
+  _sendRaw(obj) {
+    if (!this._ws || this._ws.readyState !== 1) return false;
     try {
       this._ws.send(JSON.stringify(obj));
       return true;
@@ -434,8 +604,9 @@ export class TetherClient {
     }
   }
 
+  /** Open, and allowed to send (a connection waiting for its token may send only `auth`). */
   _isOpen() {
-    return Boolean(this._ws) && this._ws.readyState === 1;
+    return Boolean(this._ws) && this._ws.readyState === 1 && this._admitted;
   }
 
   // ---- liveness watchdog (SPEC §4)
@@ -494,7 +665,7 @@ export class TetherClient {
       hiddenSlack: o.hiddenSlack,
     });
     if (action === "dead") {
-      this._lost(4002, "liveness timeout");
+      this._lost(CODES.LIVENESS_TIMEOUT, "liveness timeout");
       return;
     }
     if (action === "ping") this.ping();
