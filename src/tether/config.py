@@ -12,15 +12,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tether import config_values as values
 from tether.errors import ConfigError
 from tether.idempotency import DEFAULT_WINDOW_MS
 from tether.proxies import Network, parse_trusted
-from tether.redact import redact_url
 
 if TYPE_CHECKING:
     from tether.auth import PublicKey
 
-LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_LEVELS = values.LOG_LEVELS
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,94 +85,6 @@ def host_is_loopback(host: str) -> bool:
         return False
 
 
-# ---- parsers: each takes the raw string, returns the value or raises ValueError
-# with the reason (the variable name is added by `load`).
-
-
-def _int_in(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ValueError(f"must be an integer, got {raw!r}") from None
-        if lo is not None and value < lo:
-            raise ValueError(f"must be >= {lo}, got {value}")
-        if hi is not None and value > hi:
-            raise ValueError(f"must be <= {hi}, got {value}")
-        return value
-
-    return parse
-
-
-def _level(raw: str) -> str:
-    value = raw.strip().lower()
-    if value == "warning":
-        value = "warn"
-    if value not in LOG_LEVELS:
-        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
-    return value
-
-
-def _log_format(raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in ("auto", "json", "text"):
-        raise ValueError(f"must be one of auto, json, text, got {raw!r}")
-    return value
-
-
-def _host(raw: str) -> str:
-    value = raw.strip()
-    if not value:
-        raise ValueError("must not be empty")
-    return value
-
-
-def _optional(raw: str) -> str | None:
-    value = raw.strip()
-    return value or None
-
-
-def _redis_url(raw: str) -> str | None:
-    value = raw.strip()
-    if not value:
-        return None
-    if not value.startswith(("redis://", "rediss://", "unix://")):
-        # The value may hold a password: show it only as redacted.
-        shown = redact_url(value)
-        raise ValueError(f"must start with redis://, rediss:// or unix://, got {shown!r}")
-    return value
-
-
-def _origins(raw: str) -> tuple[str, ...]:
-    items = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
-    for origin in items:
-        if origin != "*" and "://" not in origin:
-            raise ValueError(f"each origin must look like scheme://host[:port], got {origin!r}")
-    return items
-
-
-# The auth parsers import tether.auth (PyJWT, cryptography) only when the
-# variable is set: `tether publish` and `tether watch` start without them.
-
-
-def _auth_secret(raw: str) -> str | None:
-    from tether.auth import check_secret
-
-    return check_secret(raw) if raw.strip() else None
-
-
-def _public_key(raw: str) -> PublicKey | None:
-    from tether.auth import load_public_key
-
-    return load_public_key(raw) if raw.strip() else None
-
-
-def _patterns(raw: str) -> tuple[str, ...]:
-    from tether.auth import parse_patterns
-
-    return parse_patterns(raw)
-
-
 @dataclass(frozen=True, slots=True)
 class Option:
     """One configuration variable: its env name, Settings field and parser."""
@@ -185,86 +97,87 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("PORT", "port", _int_in(0, 65535), "--port", "HTTP + WebSocket port (0 = any free)"),
-    Option("HOST", "host", _host, "--host", "bind address"),
-    Option("LOG_LEVEL", "log_level", _level, "--log-level", "debug, info, warn, error"),
-    Option("LOG_FORMAT", "log_format", _log_format, "--log-format",
+    Option("PORT", "port", values.int_in(0, 65535), "--port",
+           "HTTP + WebSocket port (0 = any free)"),
+    Option("HOST", "host", values.host, "--host", "bind address"),
+    Option("LOG_LEVEL", "log_level", values.level, "--log-level", "debug, info, warn, error"),
+    Option("LOG_FORMAT", "log_format", values.log_format, "--log-format",
            "json, text, or auto (text on a terminal, JSON otherwise)"),
     Option(
         "WS_HEARTBEAT_INTERVAL",
         "heartbeat_interval_ms",
-        _int_in(None, 3_600_000),
+        values.int_in(None, 3_600_000),
         "--heartbeat-interval",
         "ms between pings to one client; <= 0 disables the heartbeat",
     ),
     Option(
         "WS_HEARTBEAT_MISSED",
         "heartbeat_missed",
-        _int_in(1, 100),
+        values.int_in(1, 100),
         "--heartbeat-missed",
         "unanswered pings in a row before a client is stale",
     ),
     Option(
         "WS_CLOSE_TIMEOUT",
         "close_timeout_ms",
-        _int_in(0, 600_000),
+        values.int_in(0, 600_000),
         "--close-timeout",
         "ms to wait for a close handshake before aborting",
     ),
     Option(
         "WS_BACKPRESSURE_HIGH",
         "backpressure_high",
-        _int_in(1),
+        values.int_in(1),
         "--backpressure-high",
         "buffered bytes above which a client is paused",
     ),
     Option(
         "WS_BACKPRESSURE_LOW",
         "backpressure_low",
-        _int_in(0),
+        values.int_in(0),
         "--backpressure-low",
         "buffered bytes below which a paused client resumes",
     ),
     Option(
         "WS_MAX_BUFFER",
         "max_buffer",
-        _int_in(1),
+        values.int_in(1),
         "--max-buffer",
         "buffered bytes above which a client is closed as too slow (1013)",
     ),
     Option(
         "WS_MAX_MESSAGE",
         "max_message",
-        _int_in(16, 64 * 1024 * 1024),
+        values.int_in(16, 64 * 1024 * 1024),
         "--max-message",
         "largest inbound message or POST body in bytes",
     ),
     Option(
         "HISTORY_SIZE",
         "history_size",
-        _int_in(0, 10_000_000),
+        values.int_in(0, 10_000_000),
         "--history-size",
         "messages kept per topic for resume",
     ),
-    Option("REDIS_URL", "redis_url", _redis_url, "--redis-url", "use the Redis backplane"),
+    Option("REDIS_URL", "redis_url", values.redis_url, "--redis-url", "use the Redis backplane"),
     Option(
         "IDEMPOTENCY_WINDOW",
         "idempotency_window_ms",
-        _int_in(1_000, 604_800_000),
+        values.int_in(1_000, 604_800_000),
         "--idempotency-window",
         "ms a publish's Idempotency-Key is remembered (repeats are not delivered again)",
     ),
     Option(
         "PUBLISH_TOKEN",
         "publish_token",
-        _optional,
+        values.optional,
         "--publish-token",
         "bearer token required by POST /event",
     ),
     Option(
         "ALLOWED_ORIGINS",
         "allowed_origins",
-        _origins,
+        values.origins,
         "--allowed-origins",
         "comma list of Origins allowed to open a WebSocket",
     ),
@@ -275,81 +188,81 @@ OPTIONS: tuple[Option, ...] = (
         "--trusted-proxies",
         "comma list of proxy IPs/CIDRs whose X-Forwarded-For is believed (default: none)",
     ),
-    Option("TETHER_WORKERS", "workers", _int_in(1, 64), "--workers", "processes on one port"),
+    Option("TETHER_WORKERS", "workers", values.int_in(1, 64), "--workers", "processes on one port"),
     Option(
         "WS_MAX_CONNECTIONS",
         "max_connections",
-        _int_in(1, 1_000_000),
+        values.int_in(1, 1_000_000),
         "--max-connections",
         "WebSocket clients at once; more get 503 at upgrade",
     ),
     Option(
         "WS_MESSAGE_RATE",
         "message_rate",
-        _int_in(1, 1_000_000),
+        values.int_in(1, 1_000_000),
         "--message-rate",
         "inbound messages a second per client (then refused, then closed 1008)",
     ),
     Option(
         "WS_PING_RATE",
         "ping_rate",
-        _int_in(1, 100_000),
+        values.int_in(1, 100_000),
         "--ping-rate",
         "client ping and pong frames a second per client (extra ones are ignored)",
     ),
     Option(
         "WS_HANDSHAKE_TIMEOUT",
         "handshake_timeout_ms",
-        _int_in(100, 600_000),
+        values.int_in(100, 600_000),
         "--handshake-timeout",
         "ms a new TCP connection may take to send its request",
     ),
     Option(
         "WS_MAX_TOPICS",
         "max_topics",
-        _int_in(1, 100_000),
+        values.int_in(1, 100_000),
         "--max-topics",
         "topics one client may read at once (subscribe, ?topics=, ?since=, resume)",
     ),
     Option(
         "WS_MAX_PER_ADDRESS",
         "max_per_address",
-        _int_in(0, 1_000_000),
+        values.int_in(0, 1_000_000),
         "--max-per-address",
         "WebSocket clients from one address at once (0 = no limit); more get 429",
     ),
     Option(
         "WS_FRAME_RATE",
         "frame_rate",
-        _int_in(1, 10_000_000),
+        values.int_in(1, 10_000_000),
         "--frame-rate",
         "inbound frames a second per client, of every kind (a flood is closed 1008)",
     ),
     Option(
         "AUTH_SECRET",
         "auth_secret",
-        _auth_secret,
+        values.auth_secret,
         "--auth-secret",
         "HS256 secret (>= 32 bytes) of connection tokens; set: every client needs a token",
     ),
     Option(
         "AUTH_PUBLIC_KEY",
         "auth_public_key",
-        _public_key,
+        values.public_key,
         "--auth-public-key",
         "PEM file of the RSA (RS256) or EC P-256 (ES256) key that verifies connection tokens",
     ),
     Option(
         "PUBLIC_TOPICS",
         "public_topics",
-        _patterns,
+        values.patterns,
         "--public-topics",
         "comma list of topic patterns anyone may read without a token (needs auth on)",
     ),
     Option(
         "ADMIN_TOKEN",
         "admin_token",
-        _optional,
+        values.optional,
         "--admin-token",
         "bearer token of /api/connections, /metrics and the full /health",
     ),

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -112,6 +113,12 @@ class Hub:
         self.binary = self.inbound.binary
         self.resume_query = self.inbound.resume_query
         self.on_message = self.inbound.on_message
+        self.stop_heartbeat = self.pulse.stop
+        self.flush = self.writer.flush  # every queued frame now (else on the next loop pass)
+        # The operator views (views.py), read when asked.
+        self.health = partial(views.health, self)
+        self.minimal_health = partial(views.minimal_health, self)
+        self.connections = partial(views.connections, self)
 
     @property
     def message_handlers(self) -> list[MessageHandler]:
@@ -143,7 +150,7 @@ class Hub:
             conn.beat = self.heartbeat.add(conn, self.clock.now())
             self.pulse.wake()
         self.access.open(conn, [t for t in topics if t != BROADCAST_TOPIC], token)
-        self._watch()
+        self.watch_topics()
         return conn
 
     def detach(self, conn: Connection, code: int | None, reason: str) -> None:
@@ -165,7 +172,7 @@ class Hub:
 
     def _unregister(self, conn: Connection) -> None:
         if self.registry.remove(conn):
-            self._watch()
+            self.watch_topics()
         if conn.beat is not None and self.heartbeat is not None:
             self.heartbeat.remove(conn.beat)
         self.access.forget(conn)
@@ -253,25 +260,22 @@ class Hub:
     def subscribe(self, conn: Connection, topics: list[str]) -> None:
         """Add topics already admitted (Registry.admit) and tell the backplane."""
         self.registry.subscribe(conn, topics)
-        self._watch()
+        self.watch_topics()
 
     def unsubscribe(self, conn: Connection, topics: list[str]) -> None:
         self.registry.unsubscribe(conn, topics)
-        self._watch()
+        self.watch_topics()
 
     def regrant(self, conn: Connection, grant: Grant) -> list[str]:
         """Give `conn` a new grant (Registry.regrant); the topics it lost."""
         lost = self.registry.regrant(conn, grant)
         if lost:
-            self._watch()
+            self.watch_topics()
         return lost
-
-    def _watch(self) -> None:
-        self.backplane.watch(set(self.registry.topics()))
 
     def watch_topics(self) -> None:
         """Tell the backplane which topics this process reads now (after a change of them)."""
-        self._watch()
+        self.backplane.watch(set(self.registry.topics()))
 
     # ------------------------------------------------------------------ writing
 
@@ -284,20 +288,11 @@ class Hub:
         """One of tether's own messages (`connected`, `pong`, `error`, ...): never skipped."""
         self._offer(conn, frames.text(orjson.dumps(obj)), Priority.HIGH)
 
-    def send_pong(self, conn: Connection, payload: bytes | bytearray) -> None:
-        """Answer a client's ping frame at once (RFC 6455 §5.5.3)."""
-        if not conn.closing and not conn.peer.is_closing():
-            conn.peer.write(frames.pong(payload))
-
     def _offer(self, conn: Connection, frame: bytes, priority: Priority) -> bool:
         decision = conn.outbox.offer(frame, priority)
         if decision is Decision.CLOSE:
             self.close_slow(conn)
         return decision is Decision.SEND
-
-    def flush(self) -> None:
-        """Write every queued frame now (the writer does it on the next loop pass anyway)."""
-        self.writer.flush()
 
     def flush_one(self, conn: Connection) -> None:
         """Write one client's queued frames now."""
@@ -310,19 +305,7 @@ class Hub:
         self.lag.start()
         self.pulse.start()
 
-    def stop_heartbeat(self) -> None:
-        self.pulse.stop()
-
     def stop(self) -> None:
         """Stop timers (heartbeat and lag monitor)."""
         self.pulse.stop()
         self.lag.stop()
-
-    def health(self) -> dict[str, Any]:
-        return views.health(self)
-
-    def minimal_health(self) -> dict[str, Any]:
-        return views.minimal_health(self)
-
-    def connections(self) -> list[dict[str, Any]]:
-        return views.connections(self)

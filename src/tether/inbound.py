@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from tether import codes
+from tether import codes, frames
 from tether.clock import iso
 from tether.errors import PublishError
 from tether.heartbeat import decode_ping_id
@@ -174,7 +174,9 @@ class Inbound:
         if bucket is None:
             bucket = conn.control_bucket = TokenBucket(self.control_rate, self.control_rate, now)
         if bucket.take(now):
-            self.hub.send_pong(conn, payload)
+            # Answered at once (RFC 6455 §5.5.3), ahead of anything queued.
+            if not conn.closing and not conn.peer.is_closing():
+                conn.peer.write(frames.pong(payload))
             return
         self._refused(conn, bucket, "ping flood")  # a ping flood gets no answers
 
