@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from tether import frames
 from tether.backplane.base import Published
-from tether.errors import PublishError, Refusal
+from tether.errors import PublishError, Refusal, ShuttingDown
 from tether.message import Message, Priority, prepare
 from tether.outbox import Decision
+
+MAX_SEQ = 2**63 - 1  # past any topic's last seq: `since` answers resync with the last
 
 if TYPE_CHECKING:
     from tether.hub import Hub
@@ -32,6 +34,7 @@ class Fanout:
         self.hub = hub
         self.stats = hub.stats
         self.registry = hub.registry
+        self.in_flight = 0  # publishes waiting for the backplane (shutdown waits for them)
 
     async def publish(self, event: Any, key: str | None = None) -> Published:
         """Validate, serialize once, and publish through the backplane (SPEC §6).
@@ -39,12 +42,19 @@ class Fanout:
         With an idempotency `key`, a repeat is answered as a duplicate (see
         `Backplane.publish`).
         """
+        if self.hub.shutting_down:
+            # Accepted now, it would reach nobody: the clients are being closed.
+            raise ShuttingDown("server shutting down")
         prepared = prepare(event)
         if len(prepared.body) > self.hub.settings.max_message:
             limit = self.hub.settings.max_message
             raise PublishError(
                 Refusal.TOO_LARGE, f"event is larger than WS_MAX_MESSAGE ({limit} bytes)")
-        message = await self.hub.backplane.publish(prepared, key)
+        self.in_flight += 1
+        try:
+            message = await self.hub.backplane.publish(prepared, key)
+        finally:
+            self.in_flight -= 1
         if message.duplicate:
             self.stats.duplicates += 1
         else:
@@ -148,13 +158,20 @@ class Fanout:
             return
         hub.subscribe(conn, admission.granted)
         self.stats.resumes += 1
+        # Positions from another life of the history (the server restarted, Redis
+        # lost its data) name messages that no longer exist, or other ones under
+        # the same numbers: the client gets `resync` with the new position, never
+        # a replay from a numbering it does not know.
+        epoch = hub.backplane.epoch
+        stale = conn.claimed_epoch not in (None, epoch) and bool(epoch)
+        conn.claimed_epoch = None
         outer = conn.pending is not None
         if not outer:
             conn.pending = []
         try:
             for topic in admission.granted:
                 seq = since[topic]
-                replay = await hub.backplane.since(topic, seq)
+                replay = await hub.backplane.since(topic, MAX_SEQ if stale else seq)
                 if conn.closing:
                     return
                 conn.last_seq[topic] = seq  # the client says what it has

@@ -305,7 +305,11 @@ class Inbound:
                 hub.unsubscribe(conn, topics)
                 hub.send_control(conn, {"type": "unsubscribed", "topics": topics})
             elif kind == "resume":
-                await hub.fanout.resume(conn, parse_since(msg.get("since"), self.max_topics))
+                since = parse_since(msg.get("since"), self.max_topics)
+                epoch = msg.get("epoch")
+                if isinstance(epoch, str):
+                    conn.claimed_epoch = epoch[:64]
+                await hub.fanout.resume(conn, since)
             else:  # auth: a fresh token (access.py)
                 await hub.access.auth(conn, msg.get("token"))
         except ValueError as exc:

@@ -42,6 +42,7 @@ class Connection:
     __slots__ = (
         "auth_timer",
         "beat",
+        "claimed_epoch",
         "close_code",
         "close_reason",
         "connected_at",
@@ -70,6 +71,9 @@ class Connection:
         self.peer = outbox.peer
         self.topics: set[str] = set()
         self.last_seq: dict[str, int] = {}  # last seq delivered, per topic
+        # The epoch the client's positions belong to (`?epoch=`, `resume.epoch`; None:
+        # an older client that sends none, taken to mean the current one).
+        self.claimed_epoch: str | None = None
         self.skipped = 0  # messages skipped while paused
         self.close_code: int | None = None  # set when the server closed it
         self.close_reason = ""

@@ -99,3 +99,10 @@ test("server errors and controls are events; a bad frame is ignored", () => {
   assert.equal(c.lastSeq["*"], 1);
   assert.equal(c.state, "connected");
 });
+
+test("connectUrl names the epoch of its positions, and only with them", () => {
+  const url = new URL(connectUrl("ws://h:1/ws", ["a"], { a: 3 }, "e1"));
+  assert.equal(url.searchParams.get("epoch"), "e1");
+  assert.equal(new URL(connectUrl("ws://h:1/ws", ["a"], {}, "e1")).searchParams.get("epoch"), null);
+  assert.equal(new URL(connectUrl("ws://h:1/ws", ["a"], { a: 3 })).searchParams.get("epoch"), null);
+});

@@ -42,6 +42,7 @@ export const DEFAULTS = Object.freeze({
   url: null, // default: ws(s)://<this page's host>/ws
   topics: [], // topics besides "*", which every client receives
   since: null, // {topic: seq} to resume from on the first connect
+  epoch: null, // the server epoch those seqs belong to (from an earlier `connected`)
   baseDelay: 1000, // ms: backoff cap of the first retry
   maxDelay: 30000, // ms: backoff cap
   pingInterval: 20000, // ms without any message before a liveness ping
@@ -123,8 +124,12 @@ export function watchdogAction({
   return now - lastReceived >= pingInterval ? "ping" : "ok";
 }
 
-/** The WebSocket URL with `?topics=` and `?since=` for a resume (SPEC §7). */
-export function connectUrl(base, topics = [], lastSeq = {}) {
+/**
+ * The WebSocket URL with `?topics=` and `?since=` for a resume (SPEC §7), and
+ * `?epoch=`: the life of the server's history those seqs belong to, so that a
+ * restarted server answers `resync` instead of replaying its new numbering.
+ */
+export function connectUrl(base, topics = [], lastSeq = {}, epoch = null) {
   const url = new URL(base);
   const named = [...new Set(topics)].filter((t) => t && t !== "*");
   if (named.length) url.searchParams.set("topics", named.join(","));
@@ -134,6 +139,8 @@ export function connectUrl(base, topics = [], lastSeq = {}) {
     .map(([topic, seq]) => `${topic}:${seq}`);
   if (since.length) url.searchParams.set("since", since.join(","));
   else url.searchParams.delete("since");
+  if (since.length && epoch) url.searchParams.set("epoch", epoch);
+  else url.searchParams.delete("epoch");
   return url.toString();
 }
 
@@ -206,6 +213,8 @@ export class TetherClient {
     this.sessionId = null;
     this.rtt = null; // ms, the last liveness ping's round trip
     this.lastSeq = {}; // topic → last seq received
+    this.epoch = null; // the server's history's life, from `connected`
+    this._seqEpoch = o.epoch ?? null; // the life `lastSeq` belongs to (sent with a resume)
     this.topics = new Set(o.topics.filter((t) => t !== "*"));
     for (const [topic, seq] of Object.entries(o.since ?? {})) this.lastSeq[topic] = seq;
     this.received = 0;
@@ -312,7 +321,7 @@ export class TetherClient {
   /** The URL the next connection will use (with topics and since, unless a token is sent). */
   nextUrl() {
     if (this.usesToken) return connectUrl(this.url, [], {}); // asked for once authenticated
-    return connectUrl(this.url, [...this.topics], this._since());
+    return connectUrl(this.url, [...this.topics], this._since(), this._seqEpoch);
   }
 
   _since() {
@@ -395,6 +404,9 @@ export class TetherClient {
 
   _greeted(msg) {
     this.sessionId = msg.sessionId ?? null;
+    this.epoch = typeof msg.epoch === "string" ? msg.epoch : null;
+    // The URL carried our positions: from here on they are of this life.
+    if (!this.usesToken) this._seqEpoch = this.epoch;
     if (!this.usesToken) this._ready();
   }
 
@@ -425,7 +437,12 @@ export class TetherClient {
       this._ready();
       return;
     }
-    if (Object.keys(since).length) this._send({ type: "resume", since });
+    if (Object.keys(since).length) {
+      const resume = { type: "resume", since };
+      if (this._seqEpoch) resume.epoch = this._seqEpoch;
+      this._send(resume);
+    }
+    this._seqEpoch = this.epoch;
     // The server answers in order: its `subscribed` says the resume is done too.
     this._awaitingSubscribed = true;
     this._send({ type: "subscribe", topics: [...this.topics] });
