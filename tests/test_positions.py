@@ -11,6 +11,7 @@ import asyncio
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.aio import post_event
 from tests.conftest import StartTether
@@ -125,3 +126,51 @@ async def test_publishes_during_shutdown_are_refused_503_and_accepted_ones_all_a
     assert refused and all(r["retry"] and "shutting down" in r["error"] for r in refused)
     ws.close()
 
+
+
+async def _read_all(ws: Raw, until_type: str, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """Every message until one of type `until_type` (included)."""
+    out: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        msg = await ws.recv_json(max(0.1, deadline - loop.time()))
+        out.append(msg)
+        if msg.get("type") == until_type:
+            return out
+
+
+@pytest.mark.parametrize("history", [2000, 100])
+async def test_a_paused_client_gets_all_1000_in_order_after_draining_or_a_resync(
+    start_tether: StartTether, history: int
+) -> None:
+    t = await start_tether(heartbeat_interval_ms=0, history_size=history,
+                           backpressure_high=16_384, backpressure_low=4_096,
+                           max_buffer=64 * 1024 * 1024)
+    ws = await Raw.connect(t.port, "/ws?topics=t", rcvbuf=4096, limit=1024)
+    await ws.recv_json()
+    (conn,) = t.hub.registry
+    # The client reads nothing: big messages fill the socket buffers until it is paused...
+    filled = 0
+    while not conn.outbox.paused:
+        await t.publish({"type": "n", "topic": "t", "payload": "f" * 60_000})
+        await asyncio.sleep(0.001)
+        filled += 1
+        assert filled < 2000, "the client was never paused"
+    # ...and stays paused while 1,000 normal messages are published.
+    for i in range(1000):
+        await t.publish({"type": "n", "topic": "t", "payload": i})
+    assert conn.outbox.paused and conn.deferrals >= 1000
+    await t.publish({"type": "end", "topic": "t"})
+    last = filled + 1001
+    if history >= last:  # everything still in the history: all of it, in order, once
+        got = await _read_all(ws, "end")
+        assert [m["seq"] for m in got] == list(range(1, last + 1))
+    else:  # the history moved past what was held back: what it had, then a resync
+        got = await _read_all(ws, "resync")
+        ahead = [m["seq"] for m in got[:-1]]
+        assert ahead == list(range(1, len(ahead) + 1))  # in order, no hole before it
+        assert got[-1] == {"type": "resync", "topic": "t", "seq": last}
+        await t.publish({"type": "after", "topic": "t"})
+        assert (await ws.recv_json())["seq"] == last + 1  # and on from the told position
+    ws.close()
