@@ -174,3 +174,24 @@ async def test_a_paused_client_gets_all_1000_in_order_after_draining_or_a_resync
         await t.publish({"type": "after", "topic": "t"})
         assert (await ws.recv_json())["seq"] == last + 1  # and on from the told position
     ws.close()
+
+
+async def test_subscribed_tells_each_topics_position_and_nothing_falls_between(
+    start_tether: StartTether,
+) -> None:
+    t = await start_tether(heartbeat_interval_ms=0)
+    for _ in range(7):
+        await t.publish({"type": "x", "topic": "busy"})
+    ws = await Raw.connect(t.port)
+    await ws.recv_json()
+    ws.send_json({"type": "subscribe", "topics": ["busy", "empty"]})
+    told = await ws.recv_json()
+    assert told == {"type": "subscribed", "topics": ["busy", "empty"],
+                    "seqs": {"busy": 7, "empty": 0}}
+    # Publishes racing the subscription: the client gets each once, in order, from
+    # the position it was told (here the two the loop publishes while it waits).
+    await asyncio.gather(t.publish({"type": "x", "topic": "empty"}),
+                         t.publish({"type": "x", "topic": "busy"}))
+    got = [await ws.recv_json(), await ws.recv_json()]
+    assert sorted((m["topic"], m["seq"]) for m in got) == [("busy", 8), ("empty", 1)]
+    ws.close()

@@ -176,8 +176,30 @@ class Fanout:
             self.stats.resyncs += 1
             self.hub.send_control(conn, {"type": "resync", "topic": topic, "seq": seq})
 
+    async def subscribe(self, conn: Connection, granted: list[str]) -> None:
+        """Start `conn` on `granted` topics at their current seq, and tell it where (`subscribed`).
+
+        `subscribed` carries `seqs`: the topic's current seq (0 before its first
+        message) for each new topic, and the last seq sent for those it read
+        already, so that a client can resume any topic precisely, even one that
+        was empty when it subscribed. The subscription itself is a resume from
+        that position: whatever is published meanwhile is replayed, in order,
+        never lost between the reading of the position and the live stream.
+        """
+        hub = self.hub
+        new = [t for t in dict.fromkeys(granted) if t not in conn.topics and t != "*"]
+        positions = {t: (await hub.backplane.since(t, MAX_SEQ)).last for t in new}
+        if conn.closing:
+            return
+        seqs = {t: conn.last_seq[t] for t in granted if t in conn.last_seq}
+        seqs.update(positions)
+        topics = sorted(conn.topics.union(new))
+        hub.send_control(conn, {"type": "subscribed", "topics": topics, "seqs": seqs})
+        await self.resume(conn, positions, subscribing=True)
+
     async def resume(
-        self, conn: Connection, since: Mapping[str, int], *, recovering: bool = False
+        self, conn: Connection, since: Mapping[str, int], *, recovering: bool = False,
+        subscribing: bool = False,
     ) -> None:
         """Replay what the client missed on each topic, then let live messages through.
 
@@ -200,7 +222,8 @@ class Fanout:
                 return
             hub.subscribe(conn, admission.granted)
             granted = admission.granted
-            self.stats.resumes += 1
+            if not subscribing:
+                self.stats.resumes += 1
         # Positions from another life of the history (the server restarted, Redis
         # lost its data) name messages that no longer exist, or other ones under
         # the same numbers: the client gets `resync` with the new position, never

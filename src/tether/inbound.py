@@ -297,9 +297,8 @@ class Inbound:
             elif kind == "subscribe":
                 topics = parse_topics(msg.get("topics"), self.max_topics)
                 admission = hub.registry.admit(conn, topics, self.max_topics)
-                hub.subscribe(conn, admission.granted)
                 hub.access.refused_topics(conn, admission.refused)
-                hub.send_control(conn, {"type": "subscribed", "topics": sorted(conn.topics)})
+                await hub.fanout.subscribe(conn, admission.granted)
             elif kind == "unsubscribe":
                 topics = parse_topics(msg.get("topics"), self.max_topics)
                 hub.unsubscribe(conn, topics)
