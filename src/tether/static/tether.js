@@ -219,6 +219,8 @@ export class TetherClient {
     for (const [topic, seq] of Object.entries(o.since ?? {})) this.lastSeq[topic] = seq;
     this.received = 0;
     this.duplicates = 0;
+    this.gaps = 0; // holes seen in a topic's seqs (each asked for again)
+    this._healing = new Set(); // topics asked for again, until the hole is filled
     this.sub = null; // the token's user, as the server read it
     this.expiresAt = null; // ms (this clock) when the server will close for expiry
 
@@ -241,6 +243,7 @@ export class TetherClient {
 
     this._onVisibility = () => this._wake(this._hidden() ? "hidden" : "visible");
     this._onOnline = () => this._wake("online");
+    this._onOffline = () => this._wake("offline");
     if (o.autoConnect) this.connect();
   }
 
@@ -341,6 +344,7 @@ export class TetherClient {
     const how = wanted ? "addEventListener" : "removeEventListener";
     this._document?.[how]?.("visibilitychange", this._onVisibility);
     this._window?.[how]?.("online", this._onOnline);
+    this._window?.[how]?.("offline", this._onOffline);
   }
 
   _open() {
@@ -567,6 +571,19 @@ export class TetherClient {
         this.duplicates += 1; // a resume overlap: delivered already
         return;
       }
+      if (last !== undefined && msg.seq > last + 1) {
+        // A hole: the server promised none. Ask for the topic again from what we
+        // have; this message comes back with that replay, in its place.
+        if (!this._healing.has(topic)) {
+          this._healing.add(topic);
+          this.gaps += 1;
+          const resume = { type: "resume", since: { [topic]: last } };
+          if (this.epoch) resume.epoch = this.epoch;
+          this._send(resume);
+        }
+        return;
+      }
+      this._healing.delete(topic);
       this.lastSeq[topic] = msg.seq;
       this._emit("message", msg);
       return;
@@ -592,6 +609,10 @@ export class TetherClient {
         this._authenticated(msg);
         break;
       case "subscribed":
+        // Where each topic stands: a topic never received yet starts there.
+        for (const [t, seq] of Object.entries(msg.seqs ?? {})) {
+          if (this.lastSeq[t] === undefined && Number.isInteger(seq)) this.lastSeq[t] = seq;
+        }
         this._emit("control", msg);
         if (this._awaitingSubscribed) {
           this._awaitingSubscribed = false;
@@ -701,6 +722,8 @@ export class TetherClient {
       this._open();
       return;
     }
+    // Back on the network, or off it (the link is likely dead: ask now rather than
+    // at the watchdog's next look, about 4 s later): a probe with a fresh deadline.
     if (this._ws && this.state === "connected") this._watch(why);
   }
 
