@@ -450,7 +450,7 @@ async def test_a_small_iterator_buffer_slows_reading_but_loses_nothing(
     for _ in range(20):
         await t.publish({"type": "new", "topic": "a"})
     await asyncio.sleep(0.1)
-    assert client._queue.qsize() <= 2  # the reader waits for room
+    assert client._inbox.queue.qsize() <= 2  # the reader waits for room
     got = [(await anext(client))["seq"] for _ in range(22)]
     assert got == list(range(2, 24))
 
