@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random as _random
+import ssl as _ssl
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 import aiohttp
@@ -70,6 +71,9 @@ class Client:
     server that refuses it (close 4003, or 4001 when no function can give a
     fresh one) ends the client in state `unauthorized`. `refresh_margin`: how
     long before expiry a fresh token is fetched (at most; see `refresh_delay`).
+
+    `ssl`: the TLS context of `wss://` connections and of `publish` over https
+    (by default aiohttp's: the system's CAs, the host name checked).
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class Client:
         close_timeout: float = 2.0,
         rand: Callable[[], float] | None = None,
         clock: Clock | None = None,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         self.url, named_topics, named_since = split_url(url)  # `?topics=` and `?since=`
         self.topics: set[str] = {*topics, *named_topics}
@@ -121,6 +126,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self.close_timeout = close_timeout
         self.clock: Clock = clock or SystemClock()
+        self.ssl = ssl
 
         self.state = State.DISCONNECTED
         self.session_id: str | None = None
@@ -218,7 +224,8 @@ class Client:
         attempt. To retry later yourself without a duplicate, pass your own key.
         """
         return await publish(http_url(self.url), event, self.publish_token or self._tokens.value,
-                             topic=topic, priority=priority, key=key, attempts=attempts)
+                             topic=topic, priority=priority, key=key, attempts=attempts,
+                             ssl=self.ssl)
 
     @property
     def last_seq(self) -> dict[str, int]:

@@ -7,6 +7,8 @@ retry is a log line.
 
 from __future__ import annotations
 
+import ssl as _ssl
+
 from tether.client.logic import JSON
 from tether.errors import PublishError, Refusal
 from tether.logs import get_logger
@@ -20,7 +22,7 @@ REFUSALS = {400: Refusal.INVALID, 413: Refusal.TOO_LARGE, 422: Refusal.KEY_REUSE
 
 async def publish(
     base: str, event: JSON, bearer: str | None, *, topic: str | None, priority: str | None,
-    key: str | None, attempts: int,
+    key: str | None, attempts: int, ssl: _ssl.SSLContext | None,
 ) -> JSON:
     """Publish `event` to the server at `base` (its HTTP URL); the reply, or PublishError."""
     body = dict(event)
@@ -29,7 +31,7 @@ async def publish(
     if priority is not None:
         body["priority"] = priority
     status, reply, _ = await publish_retrying(
-        base, body, bearer, key=key, attempts=attempts, on_retry=_log_retry)
+        base, body, bearer, key=key, attempts=attempts, on_retry=_log_retry, ssl=ssl)
     if status != 202:
         raise PublishError(REFUSALS.get(status, Refusal.REFUSED),
                            str(reply.get("error", reply)), status)

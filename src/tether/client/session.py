@@ -119,6 +119,7 @@ class Session:
                     compress=0,
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None,
                                                     ws_close=client.close_timeout),
+                    ssl=True if client.ssl is None else client.ssl,  # True: aiohttp's default
                 )
         except TimeoutError:
             return None, f"connect timed out after {client.connect_timeout:g} s", None
