@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import shlex
+import ssl as _ssl
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -36,7 +37,7 @@ def new_key() -> str:
 
 async def publish_event(
     url: str, event: dict[str, Any], token: str | None = None, timeout: float = 10.0,
-    key: str | None = None,
+    key: str | None = None, *, ssl: _ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """POST one event to `url` (`.../event` is added when missing), once; (status, JSON reply)."""
     target = url.rstrip("/")
@@ -49,7 +50,8 @@ async def publish_event(
         headers["Idempotency-Key"] = key
     client_timeout = aiohttp.ClientTimeout(total=timeout)
     async with aiohttp.ClientSession(timeout=client_timeout) as session, session.post(
-        target, data=orjson.dumps(event), headers=headers
+        target, data=orjson.dumps(event), headers=headers,
+        ssl=True if ssl is None else ssl,  # True: aiohttp's default (ssl=None is deprecated)
     ) as resp:
         body = await resp.read()
         try:
@@ -93,17 +95,19 @@ async def publish_retrying(
     on_retry: Callable[[Retry], Awaitable[None] | None] | None = None,
     rand: Callable[[], float] = random.random,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ssl: _ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, Any], str]:
     """Publish with an idempotency key, retrying while the outcome is unknown.
 
     Returns (status, reply, key) of the last attempt. Raises the last
-    connection error or timeout when every attempt failed that way.
+    connection error or timeout when every attempt failed that way. `ssl`:
+    the TLS context for an https URL (None: aiohttp's default verification).
     """
     key = key if key is not None else new_key()
     attempts = max(1, attempts)
     for attempt in range(1, attempts + 1):
         try:
-            status, reply = await publish_event(url, event, token, timeout, key)
+            status, reply = await publish_event(url, event, token, timeout, key, ssl=ssl)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if attempt == attempts:
                 raise
