@@ -95,9 +95,15 @@ def test_tracker_drops_duplicates_and_counts_gaps() -> None:
     t = SeqTracker()
     assert [t.accept("a", s) for s in (1, 2, 2, 1, 3)] == [True, True, False, False, True]
     assert t.duplicates == 2
-    assert t.accept("a", 6) and t.gaps == 1
+    # A hole (4, 5 never came): asked for again once, from what is held; the early
+    # messages are dropped until the replay fills it.
+    assert not t.accept("a", 6) and not t.accept("a", 7) and t.gaps == 1
+    assert t.take_asks() == {"a": 3} and t.take_asks() == {}
+    assert [t.accept("a", s) for s in (4, 5, 6, 7)] == [True] * 4
     assert t.accept("b", 40)  # first message of a topic: anything goes
-    assert t.since() == {"a": 6, "b": 40}
+    t.position("c", 0)  # `subscribed` told where c stands
+    t.position("a", 1)  # a position held already is kept
+    assert t.since() == {"a": 7, "b": 40, "c": 0}
 
 
 def test_tracker_resync_moves_the_position_even_backwards() -> None:
@@ -117,6 +123,9 @@ def test_connect_url_carries_topics_and_since() -> None:
     assert url.query["topics"] == "a,b"
     assert url.query["since"] == "*:3,a:12"
     assert str(connect_url(base, [], {})) == "ws://127.0.0.1:4011/ws"
+    # The epoch of the positions goes with them, and only with them.
+    assert connect_url(base, ["a"], {"a": 1}, "e1").query["epoch"] == "e1"
+    assert "epoch" not in connect_url(base, ["a"], {}, "e1").query
     assert http_url(ws_url("wss://h.example/tether/ws")) == "https://h.example/tether"
     with pytest.raises(ValueError):
         ws_url("ftp://x")

@@ -69,21 +69,44 @@ def overslept(scheduled: float, elapsed: float, slack: float) -> bool:
 class SeqTracker:
     """The last seq seen per topic: drops duplicates, gives `since` for a resume (SPEC §7)."""
 
-    def __init__(self, since: Mapping[str, int] | None = None) -> None:
+    def __init__(self, since: Mapping[str, int] | None = None,
+                 epoch: str | None = None) -> None:
         self._last: dict[str, int] = dict(since or {})
+        self.epoch = epoch  # the server epoch these positions belong to (sent with them)
         self.duplicates = 0  # messages dropped as already seen
-        self.gaps = 0  # messages that arrived after a hole in the numbering
+        self.gaps = 0  # holes seen in a topic's numbering (each asked for again)
+        self._healing: set[str] = set()  # topics asked for again until the hole is filled
+        self._asks: dict[str, int] = {}
 
     def accept(self, topic: str, seq: int) -> bool:
-        """True for a message not seen before (and remember it); False for a duplicate."""
+        """True for the next message of its topic (and remember it).
+
+        False for a duplicate, and for a message after a hole: the server
+        promised none, so the topic is asked for again from the last seq held
+        (`take_asks`), once, and this message comes back with that replay.
+        """
         last = self._last.get(topic)
         if last is not None and seq <= last:
             self.duplicates += 1
             return False
         if last is not None and seq > last + 1:
-            self.gaps += 1
+            if topic not in self._healing:
+                self._healing.add(topic)
+                self.gaps += 1
+                self._asks[topic] = last
+            return False
+        self._healing.discard(topic)
         self._last[topic] = seq
         return True
+
+    def take_asks(self) -> dict[str, int]:
+        """Topics to resume again from the seq given, after a hole (each once)."""
+        asks, self._asks = self._asks, {}
+        return asks
+
+    def position(self, topic: str, seq: int) -> None:
+        """Where a topic stands (`subscribed`'s seqs), unless a position is held already."""
+        self._last.setdefault(topic, seq)
 
     def resync(self, topic: str, seq: int | None) -> None:
         """The server lost part of `topic`'s history: continue from its current `seq`."""

@@ -92,6 +92,7 @@ class Session:
         self.admitted = client.token is None  # may send (auth said `authenticated`)
         self.awaiting_subscribed = False  # its topics asked for after `authenticated`
         self.refresh_at: float | None = None  # clock.now() to fetch a fresh token at
+        self.epoch: str | None = None  # the server's, from `connected`
 
     async def run(self) -> tuple[float | None, str, int | None]:
         """One connection, from handshake to close.
@@ -100,7 +101,8 @@ class Session:
         """
         client = self.client
         if client.token is None:
-            url = connect_url(client.url, client.topics, client.tracker.since())
+            url = connect_url(client.url, client.topics, client.tracker.since(),
+                              client.tracker.epoch)
         else:
             try:
                 await self.tokens.fresh(client.token)
@@ -234,8 +236,14 @@ class Session:
         client = self.client
         kind = classify(msg)
         if kind is Kind.DATA:
-            if client.tracker.accept(msg["topic"], msg["seq"]):
+            tracker = client.tracker
+            if tracker.accept(msg["topic"], msg["seq"]):
                 await self.deliver(msg)
+            else:
+                asks = tracker.take_asks()
+                if asks:  # a hole: the topic again, from what we hold
+                    log.warn("A hole in a topic's seqs, resuming it", topics=asks)
+                    await self.send(self._resume(asks))
         elif kind is Kind.RESYNC:
             seq = msg.get("seq")
             client.tracker.resync(msg["topic"], seq if isinstance(seq, int) else None)
@@ -247,6 +255,10 @@ class Session:
                 await call(client.on_rtt, rtt)
         elif kind is Kind.CONNECTED:
             client.session_id = str(msg.get("sessionId"))
+            epoch = msg.get("epoch")
+            self.epoch = epoch if isinstance(epoch, str) else None
+            if client.token is None:  # our positions went with the URL: now of this epoch
+                client.tracker.epoch = self.epoch
             client.connections += 1
             if client.connections > 1:
                 client.reconnects += 1
@@ -255,6 +267,16 @@ class Session:
         elif msg.get("type") == "authenticated" and client.token is not None:
             await self._authenticated(msg)
             await call(client.on_control, msg)
+        elif msg.get("type") == "subscribed" and isinstance(msg.get("seqs"), dict):
+            for topic, seq in msg["seqs"].items():
+                if isinstance(seq, int):
+                    client.tracker.position(topic, seq)
+            if self.awaiting_subscribed:
+                self.awaiting_subscribed = False
+                await call(client.on_control, msg)
+                await self.ready()
+            else:
+                await call(client.on_control, msg)
         elif msg.get("type") == "subscribed" and self.awaiting_subscribed:
             self.awaiting_subscribed = False
             await call(client.on_control, msg)
@@ -282,11 +304,20 @@ class Session:
             await self.ready()
             return
         if since:
-            await self.send({"type": "resume", "since": since})
+            await self.send(self._resume(since))
+            client.tracker.epoch = self.epoch
         # The server answers in order: its `subscribed` says the resume is done too,
         # so `connected` means what was asked for flows (as with `?topics=`).
         self.awaiting_subscribed = True
         await self.send({"type": "subscribe", "topics": sorted(client.topics)})
+
+    def _resume(self, since: dict[str, int]) -> JSON:
+        """A `resume` of `since`, naming the epoch those positions belong to."""
+        msg: JSON = {"type": "resume", "since": since}
+        epoch = self.client.tracker.epoch
+        if epoch:
+            msg["epoch"] = epoch
+        return msg
 
     @staticmethod
     async def _send_now(ws: aiohttp.ClientWebSocketResponse, msg: JSON) -> None:

@@ -38,14 +38,17 @@ def http_url(url: URL) -> str:
     return str(url.with_scheme(scheme).with_path(path or "/").with_query(None)).rstrip("/")
 
 
-def connect_url(base: URL, topics: Iterable[str], since: Mapping[str, int]) -> URL:
-    """`base` with `?topics=` and `?since=` for this attempt (SPEC §6, §7)."""
-    query = {k: v for k, v in base.query.items() if k not in ("topics", "since")}
+def connect_url(base: URL, topics: Iterable[str], since: Mapping[str, int],
+                epoch: str | None = None) -> URL:
+    """`base` with `?topics=`, `?since=` and its `?epoch=` for this attempt (SPEC §6, §7)."""
+    query = {k: v for k, v in base.query.items() if k not in ("topics", "since", "epoch")}
     names = sorted(set(topics))
     if names:
         query["topics"] = ",".join(names)
     if since:
         query["since"] = since_param(since)
+        if epoch:
+            query["epoch"] = epoch
     return base.with_query(query)
 
 
