@@ -36,7 +36,7 @@ system-deps:
 	./scripts/system-deps.sh
 
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy --strict src
