@@ -11,6 +11,7 @@ some.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ class Fanout:
         self.stats = hub.stats
         self.registry = hub.registry
         self.in_flight = 0  # publishes waiting for the backplane (shutdown waits for them)
+        self._tasks: set[asyncio.Future[None]] = set()  # recoveries under way
 
     async def publish(self, event: Any, key: str | None = None) -> Published:
         """Validate, serialize once, and publish through the backplane (SPEC §6).
@@ -163,7 +165,9 @@ class Fanout:
         if not conn.deferred or conn.pending is not None or conn.closing:
             return  # nothing held back, or a replay under way takes the new ones in turn
         positions, conn.deferred = conn.deferred, None
-        self.hub.spawn(self.resume(conn, positions, recovering=True))
+        task = asyncio.ensure_future(self.resume(conn, positions, recovering=True))
+        self._tasks.add(task)  # held until done (asyncio keeps only weak references)
+        task.add_done_callback(self._tasks.discard)
 
     def resync(self, conn: Connection, topic: str, seq: int) -> None:
         """The backplane lost messages of `topic` up to `seq` (0: it renumbered from 1).

@@ -166,8 +166,9 @@ class Client:
             await self._session.close()
             self._session = None
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Client:  # once connected, its topics subscribed
         await self.start()
+        await self.wait_connected()
         return self
 
     async def __aexit__(self, *exc: object) -> None:

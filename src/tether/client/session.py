@@ -25,7 +25,16 @@ from aiohttp import WSMsgType
 
 from tether.client.events import call
 from tether.client.inbox import Inbox
-from tether.client.logic import JSON, Kind, Liveness, Verdict, classify, overslept, refresh_delay
+from tether.client.logic import (
+    JSON,
+    Kind,
+    Liveness,
+    SeqTracker,
+    Verdict,
+    classify,
+    overslept,
+    refresh_delay,
+)
 from tether.client.urls import connect_url
 from tether.logs import get_logger
 
@@ -243,7 +252,7 @@ class Session:
                 asks = tracker.take_asks()
                 if asks:  # a hole: the topic again, from what we hold
                     log.warn("A hole in a topic's seqs, resuming it", topics=asks)
-                    await self.send(self._resume(asks))
+                    await self.send(resume_message(tracker, asks))
         elif kind is Kind.RESYNC:
             seq = msg.get("seq")
             client.tracker.resync(msg["topic"], seq if isinstance(seq, int) else None)
@@ -267,20 +276,15 @@ class Session:
         elif msg.get("type") == "authenticated" and client.token is not None:
             await self._authenticated(msg)
             await call(client.on_control, msg)
-        elif msg.get("type") == "subscribed" and isinstance(msg.get("seqs"), dict):
-            for topic, seq in msg["seqs"].items():
-                if isinstance(seq, int):
+        elif msg.get("type") == "subscribed":
+            seqs = msg.get("seqs")
+            for topic, seq in (seqs.items() if isinstance(seqs, dict) else ()):
+                if isinstance(seq, int):  # where a topic never received yet stands
                     client.tracker.position(topic, seq)
+            await call(client.on_control, msg)
             if self.awaiting_subscribed:
                 self.awaiting_subscribed = False
-                await call(client.on_control, msg)
                 await self.ready()
-            else:
-                await call(client.on_control, msg)
-        elif msg.get("type") == "subscribed" and self.awaiting_subscribed:
-            self.awaiting_subscribed = False
-            await call(client.on_control, msg)
-            await self.ready()
         else:
             if msg.get("type") == "error":
                 log.warn("Server reported an error", error=msg.get("error"),
@@ -304,25 +308,25 @@ class Session:
             await self.ready()
             return
         if since:
-            await self.send(self._resume(since))
+            await self.send(resume_message(client.tracker, since))
             client.tracker.epoch = self.epoch
         # The server answers in order: its `subscribed` says the resume is done too,
         # so `connected` means what was asked for flows (as with `?topics=`).
         self.awaiting_subscribed = True
         await self.send({"type": "subscribe", "topics": sorted(client.topics)})
 
-    def _resume(self, since: dict[str, int]) -> JSON:
-        """A `resume` of `since`, naming the epoch those positions belong to."""
-        msg: JSON = {"type": "resume", "since": since}
-        epoch = self.client.tracker.epoch
-        if epoch:
-            msg["epoch"] = epoch
-        return msg
-
     @staticmethod
     async def _send_now(ws: aiohttp.ClientWebSocketResponse, msg: JSON) -> None:
         with contextlib.suppress(ConnectionError, aiohttp.ClientError):
             await ws.send_str(orjson.dumps(msg).decode())
+
+
+def resume_message(tracker: SeqTracker, since: dict[str, int]) -> JSON:
+    """A `resume` of `since`, naming the epoch those positions belong to."""
+    msg: JSON = {"type": "resume", "since": since}
+    if tracker.epoch:
+        msg["epoch"] = tracker.epoch
+    return msg
 
 
 def describe(exc: object) -> str:
