@@ -7,10 +7,12 @@ import os
 import random
 import signal
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.aio import eventually
@@ -450,7 +452,7 @@ async def test_a_small_iterator_buffer_slows_reading_but_loses_nothing(
     for _ in range(20):
         await t.publish({"type": "new", "topic": "a"})
     await asyncio.sleep(0.1)
-    assert client._queue.qsize() <= 2  # the reader waits for room
+    assert client._inbox.queue.qsize() <= 2  # the reader waits for room
     got = [(await anext(client))["seq"] for _ in range(22)]
     assert got == list(range(2, 24))
 
@@ -473,6 +475,31 @@ async def test_close_returns_promptly_during_a_handshake_that_never_finishes(
         await client.close()
         assert time.monotonic() - t0 < 1.0
         assert states[-1] is State.DISCONNECTED
+
+
+async def test_the_ssl_context_given_is_the_one_that_connects_and_publishes(
+    clients: list[Client],
+) -> None:
+    # A context that allows no TLS version fails in the client itself, before the
+    # server says a word: only the context given can fail this way (issue 16).
+    no_version = ssl.create_default_context()
+    no_version.minimum_version = ssl.TLSVersion.TLSv1_3
+    no_version.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.socket() as listener:  # accepts TCP, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        reasons: list[str] = []
+        client = Client(f"wss://127.0.0.1:{port}/ws", ssl=no_version, iterate=False,
+                        connect_timeout=2, backoff_base=5, backoff_cap=5,
+                        on_state=lambda s: reasons.extend([s.reason] if s.reason else []))
+        clients.append(client)
+        await client.start()
+        assert await eventually(lambda: bool(reasons)), "the connection never failed"
+        assert "NO_PROTOCOLS_AVAILABLE" in reasons[0], reasons
+        async with asyncio.timeout(5):
+            with pytest.raises(aiohttp.ClientSSLError, match="NO_PROTOCOLS_AVAILABLE"):
+                await client.publish({"type": "x"}, attempts=1)
 
 
 class JumpingClock(SystemClock):

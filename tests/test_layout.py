@@ -10,8 +10,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 from tests.support import ROOT
 
 PACKAGE = ROOT / "src" / "tether"
@@ -47,9 +45,6 @@ def class_sizes(path: Path) -> list[tuple[str, int]]:
     return sizes
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "backplane/redis.py (616) and client/driver.py (478) are over 400 lines; the lead is "
-    "splitting them (issue 13): remove this mark then (--runxfail lists what is left)"))
 def test_no_module_is_longer_than_400_lines() -> None:
     sizes = {name_of(p): len(p.read_text().splitlines()) for p in modules()}
     over = sorted(((n, name) for name, n in sizes.items() if n > MAX_MODULE_LINES), reverse=True)
@@ -57,9 +52,6 @@ def test_no_module_is_longer_than_400_lines() -> None:
         MAX_MODULE_LINES, ", ".join(f"{name} ({n})" for n, name in over))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "RedisBackplane (473), client Client (369) and Hub (262) are over 250 lines; the lead is "
-    "splitting them (issue 13): remove this mark then (--runxfail lists what is left)"))
 def test_no_class_is_longer_than_250_lines() -> None:
     over = sorted(((n, f"{name_of(p)}:{cls}") for p in modules() for cls, n in class_sizes(p)
                    if n > MAX_CLASS_LINES), reverse=True)

@@ -473,7 +473,7 @@ async def test_invalid_json_and_binary_get_an_error_and_the_connection_stays(
         ws.send(0x1, value.encode())
         assert (await ws.recv_json())["type"] == "error", value
     ws.send_json({"type": "subscribe", "topics": ["a"]})
-    assert await ws.recv_json() == {"type": "subscribed", "topics": ["a"]}
+    assert await ws.recv_json() == {"type": "subscribed", "topics": ["a"], "seqs": {"a": 0}}
     await t.publish({"type": "news", "topic": "a"})
     assert (await ws.recv_json())["type"] == "news"
     assert t.hub.stats.client_errors == 15

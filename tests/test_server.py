@@ -115,12 +115,12 @@ async def test_publish_token(start_tether: StartTether) -> None:
     assert status == 202 and reply["seq"] == 1  # the refused ones used no seq
 
 
-async def test_paused_client_gets_high_skips_normal_and_resumes_after_draining(
+async def test_paused_client_gets_high_at_once_and_the_rest_in_order_after_draining(
     start_tether: StartTether,
 ) -> None:
     t = await start_tether(backpressure_high=32_768, backpressure_low=8_192,
                            max_buffer=64 * 1024 * 1024, heartbeat_interval_ms=0)
-    slow = await asyncio.to_thread(RawWS, "127.0.0.1", t.port, rcvbuf=4096)
+    slow = await asyncio.to_thread(RawWS, "127.0.0.1", t.port, "/ws?topics=alerts", rcvbuf=4096)
     assert slow.status == 101
     async with aiohttp.ClientSession() as s, s.ws_connect(f"ws://127.0.0.1:{t.port}/ws") as fast:
         await fast.receive_json()
@@ -134,17 +134,19 @@ async def test_paused_client_gets_high_skips_normal_and_resumes_after_draining(
         paused_id = next(c["sessionId"] for c in t.hub.connections() if c["paused"])
         slow_conn = t.hub.registry.get(paused_id)
         assert slow_conn is not None
-        skipped_before = slow_conn.skipped
-        await t.publish({"type": "urgent", "priority": "high"})
-        await t.publish({"type": "dropped-normal"})
-        await t.publish({"type": "dropped-low", "priority": "low"})
-        assert slow_conn.skipped == skipped_before + 2
-        skipped = t.hub.health()["messages"]["skipped"]
-        assert skipped["normal"] >= 1 and skipped["low"] == 1
-        # The fast client got everything, including what the slow one skipped.
-        types = [(await fast.receive_json())["type"] for _ in range(sent + 3)]
-        assert types[-3:] == ["urgent", "dropped-normal", "dropped-low"]
-        # Drain the slow client: it reads everything, the server sees the buffer fall.
+        held_before = slow_conn.deferrals
+        # Urgent, on a topic with nothing held back: queued for the paused client at once.
+        await t.publish({"type": "urgent", "topic": "alerts", "priority": "high"})
+        assert slow_conn.deferrals == held_before and slow_conn.outbox.queue
+        await t.publish({"type": "held-normal"})
+        await t.publish({"type": "held-low", "priority": "low"})
+        assert slow_conn.deferrals == held_before + 2  # held back, not lost
+        assert t.hub.health()["messages"]["deferred"]["low"] == 1
+        # The fast client got everything at once.
+        types = [(await fast.receive_json())["type"] for _ in range(sent + 2)]
+        assert types[-2:] == ["held-normal", "held-low"]
+        # Drain the slow client: it reads everything; once its buffer falls below
+        # WS_BACKPRESSURE_LOW what was held back comes from the history, in order.
         received: list[dict[str, Any]] = []
 
         def drain() -> None:
@@ -158,13 +160,14 @@ async def test_paused_client_gets_high_skips_normal_and_resumes_after_draining(
                 pass
 
         await asyncio.to_thread(drain)
-        assert slow_conn.peer.in_transport() < 8192
         await t.publish({"type": "after-drain"})
         await asyncio.to_thread(drain)
-        kinds = [m["type"] for m in received]
-        assert "urgent" in kinds and "after-drain" in kinds
-        assert "dropped-normal" not in kinds and "dropped-low" not in kinds
-        assert slow_conn.paused is False
+        broadcast = [m for m in received if m.get("topic") == "*"]
+        assert [m["seq"] for m in broadcast] == list(range(1, sent + 4))  # no gap, no repeat
+        assert [m["type"] for m in broadcast][-3:] == ["held-normal", "held-low", "after-drain"]
+        assert [m["type"] for m in received if m.get("topic") == "alerts"] == ["urgent"]
+        assert slow_conn.deferred is None and t.hub.stats.recovered >= 2
+        assert slow_conn.outbox.paused is False
     slow.close()
 
 
@@ -334,7 +337,7 @@ async def test_tether_is_usable_without_cli(log_capture: LogCapture) -> None:
 async def test_a_burst_of_large_messages_does_not_pause_a_reading_client(
     start_tether: StartTether,
 ) -> None:
-    """Frames queued for one flush are not the client's backlog: nothing is skipped."""
+    """Frames queued for one flush are not the client's backlog: nothing is held back."""
     t = await start_tether(heartbeat_interval_ms=0)
     async with aiohttp.ClientSession() as s, s.ws_connect(f"ws://127.0.0.1:{t.port}/ws") as ws:
         await ws.receive_json()
@@ -342,4 +345,4 @@ async def test_a_burst_of_large_messages_does_not_pause_a_reading_client(
             await t.publish({"type": "big", "payload": {"i": i, "pad": "p" * 60_000}})
         got = [(await ws.receive_json(timeout=5))["payload"]["i"] for _ in range(5)]
         assert got == [0, 1, 2, 3, 4]
-        assert t.hub.health()["messages"]["skipped"] == {"high": 0, "normal": 0, "low": 0}
+        assert t.hub.health()["messages"]["deferred"] == {"high": 0, "normal": 0, "low": 0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 
 from bench.proc import emit
@@ -19,6 +20,11 @@ async def main() -> None:
     # scale, all from 127.0.0.1).
     limits = {"max_connections": 100_000, "max_per_address": 0}
     extra = {k: v for k, v in limits.items() if k in _FIELDS}
+    if os.environ.get("TETHER_BENCH_AUTH"):
+        # Access control on (issue 14): the load generator's clients hold no token
+        # and read the broadcast as anonymous readers of a public topic; the
+        # permission checks happen at subscribe, so fan-out must cost the same.
+        extra |= {"auth_secret": "bench-secret-" + "x" * 32, "public_topics": ("*",)}
     settings = Settings(
         **extra,
         port=args.port,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tether.config import Settings
-from tether.errors import BackplaneError, ConfigError, PublishError, TetherError
+from tether.errors import BackplaneError, ConfigError, PublishError, ShuttingDown, TetherError
 from tether.message import Message, Priority
 
 if TYPE_CHECKING:
@@ -18,6 +18,7 @@ __all__ = [
     "Priority",
     "PublishError",
     "Settings",
+    "ShuttingDown",
     "Tether",
     "TetherError",
 ]

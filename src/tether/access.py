@@ -110,7 +110,8 @@ class Access:
         hub.regrant(conn, grant)
         if hub.greet:
             hub.send_control(conn, {"type": "connected", "sessionId": conn.session_id,
-                                    "timestamp": iso(conn.connected_at)})
+                                    "timestamp": iso(conn.connected_at),
+                                    "epoch": hub.backplane.epoch})
         if token:
             self._arm_expiry(conn, grant)
             self.authenticated(conn, grant)

@@ -170,7 +170,14 @@ class Tether:
         self.hub.stop_heartbeat()
 
     async def _stop_http(self) -> None:
-        self.hub.shutting_down = True  # new upgrades get 503
+        self.hub.shutting_down = True  # new upgrades and publishes get 503
+        # What was accepted before reaches the clients before they are closed: the
+        # publishes still waiting for the backplane finish first (a few ms; 2 s at most).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2.0
+        while self.hub.fanout.in_flight and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        self.hub.flush()
         await self.hub.close_all(*codes.SHUTTING_DOWN)
         self.hub.stop()
         if self._runner is not None:

@@ -72,6 +72,10 @@ class PublishError(TetherError):
         self.status = status
 
 
+class ShuttingDown(TetherError):
+    """The server is shutting down: a publish is refused before anything is published."""
+
+
 class BackplaneError(TetherError):
     """The backplane cannot be reached or refused an operation.
 

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from tether import frames
 from tether.backplane.base import Published
-from tether.errors import PublishError, Refusal
+from tether.errors import PublishError, Refusal, ShuttingDown
 from tether.message import Message, Priority, prepare
 from tether.outbox import Decision
+
+MAX_SEQ = 2**63 - 1  # past any topic's last seq: `since` answers resync with the last
 
 if TYPE_CHECKING:
     from tether.hub import Hub
@@ -32,6 +34,7 @@ class Fanout:
         self.hub = hub
         self.stats = hub.stats
         self.registry = hub.registry
+        self.in_flight = 0  # publishes waiting for the backplane (shutdown waits for them)
 
     async def publish(self, event: Any, key: str | None = None) -> Published:
         """Validate, serialize once, and publish through the backplane (SPEC §6).
@@ -39,12 +42,19 @@ class Fanout:
         With an idempotency `key`, a repeat is answered as a duplicate (see
         `Backplane.publish`).
         """
+        if self.hub.shutting_down:
+            # Accepted now, it would reach nobody: the clients are being closed.
+            raise ShuttingDown("server shutting down")
         prepared = prepare(event)
         if len(prepared.body) > self.hub.settings.max_message:
             limit = self.hub.settings.max_message
             raise PublishError(
                 Refusal.TOO_LARGE, f"event is larger than WS_MAX_MESSAGE ({limit} bytes)")
-        message = await self.hub.backplane.publish(prepared, key)
+        self.in_flight += 1
+        try:
+            message = await self.hub.backplane.publish(prepared, key)
+        finally:
+            self.in_flight -= 1
         if message.duplicate:
             self.stats.duplicates += 1
         else:
@@ -77,6 +87,9 @@ class Fanout:
             last_seq = conn.last_seq
             if seq <= last_seq.get(topic, 0):
                 continue  # already delivered (resume overlap)
+            if conn.deferred is not None and topic in conn.deferred:
+                self._defer(conn, message)  # after the ones held back before it
+                continue
             decision = conn.outbox.offer(frame, priority)
             if decision is send:
                 last_seq[topic] = seq
@@ -96,6 +109,9 @@ class Fanout:
             return
         if message.seq <= conn.last_seq.get(topic, 0):
             return  # already delivered (resume overlap)
+        if conn.deferred is not None and topic in conn.deferred and not replay:
+            self._defer(conn, message)  # after the ones held back before it
+            return
         if frame is None:
             frame = frames.text(message.data)
         # A replay is what the client asked for to close a gap: never skipped.
@@ -111,12 +127,43 @@ class Fanout:
 
     def _refused(self, conn: Connection, message: Message, decision: Decision) -> None:
         if decision is Decision.SKIP:
-            self.stats.skipped[message.priority] += 1
-            conn.skipped += 1
-            # A skipped message is gone for this client: resume will not resend it.
-            conn.last_seq[message.topic] = message.seq
+            self._defer(conn, message)
         elif decision is Decision.CLOSE:
             self.hub.close_slow(conn)
+
+    # ---- backpressure without loss (issue 15)
+    #
+    # A paused client is not sent `normal` and `low` messages; they are held back,
+    # not lost: the connection notes, per topic, the last seq it had before them,
+    # and every later message of that topic waits behind them (seq order per topic
+    # is kept). When the client drains below WS_BACKPRESSURE_LOW (its transport
+    # says so: `drained`), or when a `high` message of such a topic arrives (it is
+    # urgent, and may not overtake), the topic is resumed from the history: the
+    # held-back messages, in order, then the live stream, or `resync` when the
+    # history no longer has them. Priority orders urgency; it no longer decides loss.
+
+    def _defer(self, conn: Connection, message: Message) -> None:
+        deferred = conn.deferred
+        if deferred is None:
+            deferred = conn.deferred = {}
+        if message.topic not in deferred:
+            deferred[message.topic] = conn.last_seq.get(message.topic, 0)
+        conn.deferrals += 1
+        self.stats.deferred[message.priority] += 1
+        if message.priority is Priority.HIGH:
+            self.recover(conn)
+
+    def drained(self, conn: Connection) -> None:
+        """The client's transport fell below WS_BACKPRESSURE_LOW: send what was held back."""
+        if conn.deferred and not conn.closing:
+            self.recover(conn)
+
+    def recover(self, conn: Connection) -> None:
+        """Resume the topics with held-back messages from the history (a task of the hub)."""
+        if not conn.deferred or conn.pending is not None or conn.closing:
+            return  # nothing held back, or a replay under way takes the new ones in turn
+        positions, conn.deferred = conn.deferred, None
+        self.hub.spawn(self.resume(conn, positions, recovering=True))
 
     def resync(self, conn: Connection, topic: str, seq: int) -> None:
         """The backplane lost messages of `topic` up to `seq` (0: it renumbered from 1).
@@ -129,7 +176,31 @@ class Fanout:
             self.stats.resyncs += 1
             self.hub.send_control(conn, {"type": "resync", "topic": topic, "seq": seq})
 
-    async def resume(self, conn: Connection, since: Mapping[str, int]) -> None:
+    async def subscribe(self, conn: Connection, granted: list[str]) -> None:
+        """Start `conn` on `granted` topics at their current seq, and tell it where (`subscribed`).
+
+        `subscribed` carries `seqs`: the topic's current seq (0 before its first
+        message) for each new topic, and the last seq sent for those it read
+        already, so that a client can resume any topic precisely, even one that
+        was empty when it subscribed. The subscription itself is a resume from
+        that position: whatever is published meanwhile is replayed, in order,
+        never lost between the reading of the position and the live stream.
+        """
+        hub = self.hub
+        new = [t for t in dict.fromkeys(granted) if t not in conn.topics and t != "*"]
+        positions = {t: (await hub.backplane.since(t, MAX_SEQ)).last for t in new}
+        if conn.closing:
+            return
+        seqs = {t: conn.last_seq[t] for t in granted if t in conn.last_seq}
+        seqs.update(positions)
+        topics = sorted(conn.topics.union(new))
+        hub.send_control(conn, {"type": "subscribed", "topics": topics, "seqs": seqs})
+        await self.resume(conn, positions, subscribing=True)
+
+    async def resume(
+        self, conn: Connection, since: Mapping[str, int], *, recovering: bool = False,
+        subscribing: bool = False,
+    ) -> None:
         """Replay what the client missed on each topic, then let live messages through.
 
         Live messages of this connection wait in `conn.pending` while history is
@@ -142,24 +213,38 @@ class Fanout:
         if not since:
             return
         hub = self.hub
-        admission = self.registry.admit(conn, since, hub.settings.max_topics)
-        hub.access.refused_topics(conn, admission.refused)
-        if not admission.granted:
-            return
-        hub.subscribe(conn, admission.granted)
-        self.stats.resumes += 1
+        if recovering:  # topics it reads already: only those it still reads
+            granted = [t for t in since if t in conn.topics or t == "*"]
+        else:
+            admission = self.registry.admit(conn, since, hub.settings.max_topics)
+            hub.access.refused_topics(conn, admission.refused)
+            if not admission.granted:
+                return
+            hub.subscribe(conn, admission.granted)
+            granted = admission.granted
+            if not subscribing:
+                self.stats.resumes += 1
+        # Positions from another life of the history (the server restarted, Redis
+        # lost its data) name messages that no longer exist, or other ones under
+        # the same numbers: the client gets `resync` with the new position, never
+        # a replay from a numbering it does not know.
+        epoch = hub.backplane.epoch
+        stale = conn.claimed_epoch not in (None, epoch) and bool(epoch)
+        conn.claimed_epoch = None
         outer = conn.pending is not None
         if not outer:
             conn.pending = []
         try:
-            for topic in admission.granted:
+            for topic in granted:
                 seq = since[topic]
-                replay = await hub.backplane.since(topic, seq)
+                replay = await hub.backplane.since(topic, MAX_SEQ if stale else seq)
                 if conn.closing:
                     return
                 conn.last_seq[topic] = seq  # the client says what it has
                 for message in replay.items:
                     self.deliver_to(conn, message, replay=True)
+                if recovering:
+                    self.stats.recovered += len(replay.items)
                 if replay.resync:
                     self.stats.resyncs += 1
                     conn.last_seq[topic] = replay.last

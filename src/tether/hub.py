@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from functools import partial
 from typing import Any
 
@@ -233,6 +233,12 @@ class Hub:
         except Exception:  # best effort: the peer is presumed gone
             pass
         peer.abort()
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` beside the connections' own tasks (a recovery from the history)."""
+        task = asyncio.ensure_future(work)
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
 
     def _write_failed(self, outbox: Outbox, exc: Exception) -> None:
         conn = outbox.owner

@@ -297,15 +297,18 @@ class Inbound:
             elif kind == "subscribe":
                 topics = parse_topics(msg.get("topics"), self.max_topics)
                 admission = hub.registry.admit(conn, topics, self.max_topics)
-                hub.subscribe(conn, admission.granted)
                 hub.access.refused_topics(conn, admission.refused)
-                hub.send_control(conn, {"type": "subscribed", "topics": sorted(conn.topics)})
+                await hub.fanout.subscribe(conn, admission.granted)
             elif kind == "unsubscribe":
                 topics = parse_topics(msg.get("topics"), self.max_topics)
                 hub.unsubscribe(conn, topics)
                 hub.send_control(conn, {"type": "unsubscribed", "topics": topics})
             elif kind == "resume":
-                await hub.fanout.resume(conn, parse_since(msg.get("since"), self.max_topics))
+                since = parse_since(msg.get("since"), self.max_topics)
+                epoch = msg.get("epoch")
+                if isinstance(epoch, str):
+                    conn.claimed_epoch = epoch[:64]
+                await hub.fanout.resume(conn, since)
             else:  # auth: a fresh token (access.py)
                 await hub.access.auth(conn, msg.get("token"))
         except ValueError as exc:

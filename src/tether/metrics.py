@@ -64,7 +64,8 @@ class HubCollector:
         for name, doc, values in (
             ("messages_published", "Messages published", s.published),
             ("messages_delivered", "Messages written to clients", s.delivered),
-            ("messages_skipped", "Messages skipped for paused clients", s.skipped),
+            ("messages_deferred", "Messages held back for paused clients (sent once they drain)",
+             s.deferred),
         ):
             family = CounterMetricFamily(f"tether_{name}", doc, labels=["priority"])
             for p in Priority:
@@ -82,6 +83,9 @@ class HubCollector:
         yield counter("resumes", "Resume requests", s.resumes)
         yield counter("resyncs", "Resync notices sent", s.resyncs)
         yield counter("replayed", "Messages replayed from history", s.replayed)
+        yield counter("messages_recovered",
+                      "Held-back messages sent from the history once their client drained",
+                      s.recovered)
         state = hub.backplane.state()
         up = GaugeMetricFamily("tether_backplane_up", "1 when the backplane is reachable",
                                labels=["backplane"])

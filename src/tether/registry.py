@@ -42,10 +42,13 @@ class Connection:
     __slots__ = (
         "auth_timer",
         "beat",
+        "claimed_epoch",
         "close_code",
         "close_reason",
         "connected_at",
         "control_bucket",
+        "deferrals",
+        "deferred",
         "frame_bucket",
         "grant",
         "held",
@@ -57,7 +60,6 @@ class Connection:
         "reading",
         "remote",
         "session_id",
-        "skipped",
         "topics",
     )
 
@@ -70,7 +72,13 @@ class Connection:
         self.peer = outbox.peer
         self.topics: set[str] = set()
         self.last_seq: dict[str, int] = {}  # last seq delivered, per topic
-        self.skipped = 0  # messages skipped while paused
+        # The epoch the client's positions belong to (`?epoch=`, `resume.epoch`; None:
+        # an older client that sends none, taken to mean the current one).
+        self.claimed_epoch: str | None = None
+        # Topics with messages held back while it was paused: topic → the last seq
+        # it had before them; sent from the history once it drains (fanout.py).
+        self.deferred: dict[str, int] | None = None
+        self.deferrals = 0  # messages held back so far
         self.close_code: int | None = None  # set when the server closed it
         self.close_reason = ""
         self.beat: Beat[Connection] | None = None

@@ -21,7 +21,7 @@ from aiohttp import StreamReader, web
 from tether import metrics
 from tether.auth import OPEN, AuthError, Grant
 from tether.config import Settings
-from tether.errors import BackplaneError, PublishError, Refusal
+from tether.errors import BackplaneError, PublishError, Refusal, ShuttingDown
 from tether.hub import Hub, parse_topics
 from tether.idempotency import check_key
 from tether.logs import get_logger
@@ -33,6 +33,14 @@ log = get_logger("server")
 HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
 STATIC = resources.files("tether") / "static"
 
+
+# The answer to a publish once shutdown has begun: nothing was published.
+SHUTTING_DOWN = {
+    "error": "server shutting down: nothing was published; retry (another node, or after "
+             "the restart) with the same Idempotency-Key",
+    "status": 503,
+    "retry": True,
+}
 
 # Why a publish was refused, as an HTTP status (the one place they are mapped).
 HTTP_STATUS = {Refusal.INVALID: 400, Refusal.TOO_LARGE: 413, Refusal.KEY_REUSED: 422}
@@ -187,6 +195,9 @@ class Routes:
         stream = ClientStream(transport.get_protocol(), transport, hub, conn,
                               self.settings.max_message)
         transport.set_protocol(stream)
+        epoch = request.query.get("epoch")
+        if epoch:
+            conn.claimed_epoch = epoch[:64]  # the life of the history `?since=` comes from
         await serve(hub, conn, stream, peer, since)
         return ws
 
@@ -280,6 +291,9 @@ class Routes:
             message = await self.hub.publish(event, key)
         except PublishError as exc:
             return _refused(exc)
+        except ShuttingDown:
+            return web.Response(body=orjson.dumps(SHUTTING_DOWN), status=503,
+                                content_type="application/json", headers={"Retry-After": "1"})
         except BackplaneError as exc:  # Redis away or failed mid-call (SPEC §8)
             # The backplane's error texts are redacted; the body names none of it.
             log.warn("Publish failed, backplane unavailable", error=str(exc),

@@ -107,6 +107,7 @@ class ClientStream(asyncio.Protocol):
         self._conn = conn
         self._reader = FrameReader(max_message)
         self._inbox: collections.deque[Event] | None = None  # made at the first message
+        transport.set_write_buffer_limits(high=hub.backpressure.high, low=hub.backpressure.low)
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
 
@@ -184,7 +185,10 @@ class ClientStream(asyncio.Protocol):
         self._inner.pause_writing()
 
     def resume_writing(self) -> None:
+        # The transport's limits are WS_BACKPRESSURE_HIGH/LOW (set at the upgrade):
+        # this is the client draining, when what was held back is sent (fanout.py).
         self._inner.resume_writing()
+        self._hub.fanout.drained(self._conn)
 
 
 async def serve(hub: Hub, conn: Connection, stream: ClientStream, peer: AiohttpPeer,

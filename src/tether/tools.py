@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import random
 import shlex
+import ssl as _ssl
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from ssl import SSLContext
 from typing import Any
 
 import aiohttp
@@ -56,11 +56,12 @@ def event_url(url: str) -> str:
 
 async def publish_event(
     url: str, event: dict[str, Any], token: str | None = None, timeout: float = 10.0,
-    key: str | None = None, ssl: SSLContext | bool = True,
+    key: str | None = None, *, ssl: _ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """POST one event to the server at `url` (see `event_url`), once; (status, JSON reply).
 
-    `ssl` goes to aiohttp: an SSLContext trusting a private CA, or True (the system's CAs).
+    `ssl`: the TLS context for an https URL, e.g. trusting a private CA
+    (`tls.client_context`); None: aiohttp's default verification.
     """
     target = event_url(url)
     headers = {"Content-Type": "application/json"}
@@ -70,7 +71,8 @@ async def publish_event(
         headers["Idempotency-Key"] = key
     client_timeout = aiohttp.ClientTimeout(total=timeout)
     async with aiohttp.ClientSession(timeout=client_timeout) as session, session.post(
-        target, data=orjson.dumps(event), headers=headers, ssl=ssl
+        target, data=orjson.dumps(event), headers=headers,
+        ssl=True if ssl is None else ssl,  # True: aiohttp's default (ssl=None is deprecated)
     ) as resp:
         body = await resp.read()
         try:
@@ -114,20 +116,20 @@ async def publish_retrying(
     on_retry: Callable[[Retry], Awaitable[None] | None] | None = None,
     rand: Callable[[], float] = random.random,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ssl: SSLContext | bool = True,
+    ssl: _ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, Any], str]:
     """Publish with an idempotency key, retrying while the outcome is unknown.
 
     Returns (status, reply, key) of the last attempt. Raises the last
     connection error or timeout when every attempt failed that way, and a
     certificate error at once (nothing was sent; a retry cannot change it).
-    `ssl`: as `publish_event`'s.
+    `ssl`: the TLS context for an https URL (None: aiohttp's default verification).
     """
     key = key if key is not None else new_key()
     attempts = max(1, attempts)
     for attempt in range(1, attempts + 1):
         try:
-            status, reply = await publish_event(url, event, token, timeout, key, ssl)
+            status, reply = await publish_event(url, event, token, timeout, key, ssl=ssl)
         except aiohttp.ClientConnectorCertificateError:
             raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -164,7 +166,7 @@ def publish(
         print(f"tether publish: --url {exc}", file=sys.stderr)
         return 2
     try:
-        ctx = client_context(ca_file)
+        ctx = client_context(ca_file) if ca_file else None
     except ValueError as exc:
         print(f"tether publish: --ca-file {exc}", file=sys.stderr)
         return 2

@@ -33,7 +33,8 @@ class Stats:
     connections_refused: int = 0
     published: list[int] = field(default_factory=_per_priority)
     delivered: list[int] = field(default_factory=_per_priority)
-    skipped: list[int] = field(default_factory=_per_priority)
+    deferred: list[int] = field(default_factory=_per_priority)  # held back while paused
+    recovered: int = 0  # held-back messages sent from the history once the client drained
     rtt_counts: list[int] = field(default_factory=lambda: [0] * (len(RTT_BUCKETS) + 1))
     rtt_sum: float = 0.0
     rate_limited: int = 0
@@ -91,7 +92,8 @@ def health(hub: Hub) -> dict[str, Any]:
             "duplicates": s.duplicates,
             "delivered": sum(s.delivered),
             "replayed": s.replayed,
-            "skipped": {p.name.lower(): s.skipped[p] for p in Priority},
+            "deferred": {p.name.lower(): s.deferred[p] for p in Priority},
+            "recovered": s.recovered,
             "rateLimited": s.rate_limited,
             "abuseClosed": s.abuse_closed,
             "slowClosed": s.slow_closed,
@@ -146,7 +148,7 @@ def connections(hub: Hub) -> list[dict[str, Any]]:
                 "rttMs": rtt,
                 "buffered": outbox.buffered(),
                 "paused": outbox.paused_now(),
-                "skipped": conn.skipped,
+                "deferred": conn.deferrals,
                 "topics": sorted(conn.topics),
                 "lastSeq": dict(conn.last_seq),
             }

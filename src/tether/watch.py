@@ -133,7 +133,6 @@ async def watch(
     `token`: a connection token, or a function giving a fresh one (see `Client`).
     `ssl`: the context of a wss:// server (see `tls.client_context`); None: the system's CAs.
     """
-    ssl = ssl or client_context()
     clock = clock or SystemClock()
     w = Watcher(out or sys.stdout, clock, count)
     client = Client(
@@ -175,7 +174,7 @@ def main(url: str, topics: str | None, ping_interval: float, ping_timeout: float
     """`tether watch`: the CLI passes its parsed arguments here."""
     names = [t.strip() for t in (topics or "").split(",") if t.strip()]
     try:
-        ctx = client_context(ca_file)
+        ctx = client_context(ca_file) if ca_file else None
     except ValueError as exc:
         print(f"tether watch: --ca-file {exc}", file=sys.stderr)
         return 2

@@ -99,3 +99,38 @@ test("server errors and controls are events; a bad frame is ignored", () => {
   assert.equal(c.lastSeq["*"], 1);
   assert.equal(c.state, "connected");
 });
+
+test("connectUrl names the epoch of its positions, and only with them", () => {
+  const url = new URL(connectUrl("ws://h:1/ws", ["a"], { a: 3 }, "e1"));
+  assert.equal(url.searchParams.get("epoch"), "e1");
+  assert.equal(new URL(connectUrl("ws://h:1/ws", ["a"], {}, "e1")).searchParams.get("epoch"), null);
+  assert.equal(new URL(connectUrl("ws://h:1/ws", ["a"], { a: 3 })).searchParams.get("epoch"), null);
+});
+
+test("a hole in a topic's seqs is asked for again, once, and filled in order", () => {
+  const { c, sockets } = setup({ topics: ["a"] });
+  const got = [];
+  c.on("message", (m) => got.push(m.seq));
+  c.connect();
+  sockets[0].open();
+  sockets[0].receive({ type: "subscribed", topics: ["a"], seqs: { a: 4 } });
+  sockets[0].receive({ type: "x", topic: "a", seq: 5 });
+  sockets[0].receive({ type: "x", topic: "a", seq: 8 }); // 6 and 7 never came
+  sockets[0].receive({ type: "x", topic: "a", seq: 9 });
+  const resumes = sockets[0].sent.filter((m) => m.type === "resume");
+  assert.deepEqual(resumes, [{ type: "resume", since: { a: 5 } }]);
+  for (const seq of [6, 7, 8, 9, 10]) sockets[0].receive({ type: "x", topic: "a", seq });
+  assert.deepEqual(got, [5, 6, 7, 8, 9, 10]);
+  assert.equal(c.gaps, 1);
+});
+
+test("a topic's first position comes from subscribed", () => {
+  const { c, sockets } = setup();
+  c.connect();
+  sockets[0].open();
+  c.subscribe(["fresh"]);
+  sockets[0].receive({ type: "subscribed", topics: ["fresh"], seqs: { fresh: 0 } });
+  assert.equal(c.lastSeq.fresh, 0);
+  c.forceReconnect();
+  assert.equal(new URL(sockets[1].url).searchParams.get("since"), "fresh:0");
+});

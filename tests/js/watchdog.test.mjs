@@ -152,7 +152,7 @@ test("after a sleep a dead link is still detected within pongTimeout", () => {
   assert.equal(c.state, "reconnecting");
 });
 
-test("becoming visible or online checks at once", () => {
+test("becoming visible, online or offline checks at once", () => {
   const { clock, page, c, sockets } = setup();
   clock.advance(300);
   page.setHidden(true);
@@ -160,6 +160,8 @@ test("becoming visible or online checks at once", () => {
   assert.equal(pings(sockets[0]).length, 1, "visible: probe ping at once");
   page.dispatch("online");
   assert.equal(pings(sockets[0]).length, 2, "online: probe ping at once");
+  page.dispatch("offline");
+  assert.equal(pings(sockets[0]).length, 3, "offline: probe ping at once");
   clock.advance(600);
   assert.equal(c.state, "reconnecting", "probe unanswered: reconnect");
 });

@@ -72,6 +72,16 @@ class Backplane(ABC):
     async def since(self, topic: str, seq: int) -> Replay[Message]:
         """Messages of `topic` after `seq`, in order, or a resync when some are gone."""
 
+    @property
+    def epoch(self) -> str:
+        """The life of this backplane's numbering: it changes whenever its history is lost.
+
+        A memory backplane's history dies with its process; a Redis dataset's
+        with its data. Positions (topic, seq) are only comparable within one
+        epoch: a `since` from another epoch gets `resync`, never a replay.
+        """
+        return ""
+
     def watch(self, topics: set[str]) -> None:  # noqa: B027 - optional hook
         """The topics this node has subscribers for (a hint; memory ignores it)."""
 

@@ -7,6 +7,7 @@ lost with the process, as the history and the numbering are.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from tether.backplane.base import Backplane, Deliver, Published
@@ -36,6 +37,7 @@ class MemoryBackplane(Backplane):
         max_keys: int = MAX_KEYS,
         clock: Clock | None = None,
     ) -> None:
+        self._epoch = uuid.uuid4().hex[:12]  # a new numbering every time the process starts
         self.history: History[Message] = History(history_size)
         self.keys = KeyMemory(idempotency_window_ms / 1000, max_keys)
         self.clock: Clock = clock or SystemClock()
@@ -48,6 +50,10 @@ class MemoryBackplane(Backplane):
 
     async def stop(self) -> None:
         self._deliver = None
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
 
     async def publish(self, prepared: Prepared, key: str | None = None) -> Published:
         # No await from the check to the put: a concurrent repeat cannot slip between.

@@ -234,6 +234,11 @@ class RedisBackplane(Backplane):
 
     # ------------------------------------------------------------------ publish / since
 
+    @property
+    def epoch(self) -> str:
+        raw = self.reader.epoch
+        return raw.decode() if isinstance(raw, bytes) else (raw or "")
+
     async def publish(self, prepared: Prepared, key: str | None = None) -> Published:
         if self._pub is None:
             raise BackplaneError("the Redis backplane is not started")

@@ -7,7 +7,9 @@ async with Client("ws://localhost:4011/ws", topics=["orders"]) as client:
 ```
 
 `logic.py` holds its decisions (pure, tested without sleeping); `driver.py` the
-aiohttp driver, `Client`; `urls.py` its URLs.
+`Client` (lifecycle, reconnect loop); `session.py` one connection's conversation
+(and `Token`); `inbox.py` the iterator's buffer; `events.py` the states and
+callbacks; `publishing.py` `POST /event`; `urls.py` its URLs.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from tether.client.logic import (
 )
 
 if TYPE_CHECKING:
-    from tether.client.driver import Client, State, StateChange, Token
+    from tether.client.driver import Client
+    from tether.client.events import State, StateChange
+    from tether.client.session import Token
     from tether.client.urls import connect_url, http_url, ws_url
 
 # The driver (aiohttp) and the URL helpers (yarl) load on first use (PEP 562), so
 # importing the pure logic pulls in no I/O library.
-_LAZY = {"Client": "driver", "State": "driver", "StateChange": "driver", "Token": "driver",
+_LAZY = {"Client": "driver", "State": "events", "StateChange": "events", "Token": "session",
          "connect_url": "urls", "http_url": "urls", "ws_url": "urls"}
 
 

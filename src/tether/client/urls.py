@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from yarl import URL
 
@@ -19,6 +19,14 @@ def ws_url(url: str) -> URL:
     if u.path in ("", "/"):
         u = u.with_path("/ws")
     return u
+
+
+def split_url(url: str) -> tuple[URL, list[str], dict[str, int]]:
+    """`ws_url(url)` without `?topics=` and `?since=`; the topics and resume point they name."""
+    full = ws_url(url)
+    base = full.with_query({k: v for k, v in full.query.items() if k not in ("topics", "since")})
+    topics = [t for t in full.query.get("topics", "").split(",") if t]
+    return base, topics, dict(_parse_since(full.query.get("since", "")))
 
 
 def http_url(url: URL) -> str:
@@ -39,3 +47,11 @@ def connect_url(base: URL, topics: Iterable[str], since: Mapping[str, int]) -> U
     if since:
         query["since"] = since_param(since)
     return base.with_query(query)
+
+
+def _parse_since(raw: str) -> Iterator[tuple[str, int]]:
+    """The (topic, seq) pairs of a `since` parameter (`a:3,b:7`); malformed parts are skipped."""
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        topic, _, seq = part.rpartition(":")
+        if topic and seq.isdigit():
+            yield topic, int(seq)

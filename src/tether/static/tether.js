@@ -42,6 +42,7 @@ export const DEFAULTS = Object.freeze({
   url: null, // default: ws(s)://<this page's host>/ws
   topics: [], // topics besides "*", which every client receives
   since: null, // {topic: seq} to resume from on the first connect
+  epoch: null, // the server epoch those seqs belong to (from an earlier `connected`)
   baseDelay: 1000, // ms: backoff cap of the first retry
   maxDelay: 30000, // ms: backoff cap
   pingInterval: 20000, // ms without any message before a liveness ping
@@ -123,8 +124,12 @@ export function watchdogAction({
   return now - lastReceived >= pingInterval ? "ping" : "ok";
 }
 
-/** The WebSocket URL with `?topics=` and `?since=` for a resume (SPEC §7). */
-export function connectUrl(base, topics = [], lastSeq = {}) {
+/**
+ * The WebSocket URL with `?topics=` and `?since=` for a resume (SPEC §7), and
+ * `?epoch=`: the life of the server's history those seqs belong to, so that a
+ * restarted server answers `resync` instead of replaying its new numbering.
+ */
+export function connectUrl(base, topics = [], lastSeq = {}, epoch = null) {
   const url = new URL(base);
   const named = [...new Set(topics)].filter((t) => t && t !== "*");
   if (named.length) url.searchParams.set("topics", named.join(","));
@@ -134,6 +139,8 @@ export function connectUrl(base, topics = [], lastSeq = {}) {
     .map(([topic, seq]) => `${topic}:${seq}`);
   if (since.length) url.searchParams.set("since", since.join(","));
   else url.searchParams.delete("since");
+  if (since.length && epoch) url.searchParams.set("epoch", epoch);
+  else url.searchParams.delete("epoch");
   return url.toString();
 }
 
@@ -206,10 +213,14 @@ export class TetherClient {
     this.sessionId = null;
     this.rtt = null; // ms, the last liveness ping's round trip
     this.lastSeq = {}; // topic → last seq received
+    this.epoch = null; // the server's history's life, from `connected`
+    this._seqEpoch = o.epoch ?? null; // the life `lastSeq` belongs to (sent with a resume)
     this.topics = new Set(o.topics.filter((t) => t !== "*"));
     for (const [topic, seq] of Object.entries(o.since ?? {})) this.lastSeq[topic] = seq;
     this.received = 0;
     this.duplicates = 0;
+    this.gaps = 0; // holes seen in a topic's seqs (each asked for again)
+    this._healing = new Set(); // topics asked for again, until the hole is filled
     this.sub = null; // the token's user, as the server read it
     this.expiresAt = null; // ms (this clock) when the server will close for expiry
 
@@ -232,6 +243,7 @@ export class TetherClient {
 
     this._onVisibility = () => this._wake(this._hidden() ? "hidden" : "visible");
     this._onOnline = () => this._wake("online");
+    this._onOffline = () => this._wake("offline");
     if (o.autoConnect) this.connect();
   }
 
@@ -312,7 +324,7 @@ export class TetherClient {
   /** The URL the next connection will use (with topics and since, unless a token is sent). */
   nextUrl() {
     if (this.usesToken) return connectUrl(this.url, [], {}); // asked for once authenticated
-    return connectUrl(this.url, [...this.topics], this._since());
+    return connectUrl(this.url, [...this.topics], this._since(), this._seqEpoch);
   }
 
   _since() {
@@ -332,6 +344,7 @@ export class TetherClient {
     const how = wanted ? "addEventListener" : "removeEventListener";
     this._document?.[how]?.("visibilitychange", this._onVisibility);
     this._window?.[how]?.("online", this._onOnline);
+    this._window?.[how]?.("offline", this._onOffline);
   }
 
   _open() {
@@ -395,6 +408,9 @@ export class TetherClient {
 
   _greeted(msg) {
     this.sessionId = msg.sessionId ?? null;
+    this.epoch = typeof msg.epoch === "string" ? msg.epoch : null;
+    // The URL carried our positions: from here on they are of this life.
+    if (!this.usesToken) this._seqEpoch = this.epoch;
     if (!this.usesToken) this._ready();
   }
 
@@ -425,7 +441,12 @@ export class TetherClient {
       this._ready();
       return;
     }
-    if (Object.keys(since).length) this._send({ type: "resume", since });
+    if (Object.keys(since).length) {
+      const resume = { type: "resume", since };
+      if (this._seqEpoch) resume.epoch = this._seqEpoch;
+      this._send(resume);
+    }
+    this._seqEpoch = this.epoch;
     // The server answers in order: its `subscribed` says the resume is done too.
     this._awaitingSubscribed = true;
     this._send({ type: "subscribe", topics: [...this.topics] });
@@ -550,6 +571,19 @@ export class TetherClient {
         this.duplicates += 1; // a resume overlap: delivered already
         return;
       }
+      if (last !== undefined && msg.seq > last + 1) {
+        // A hole: the server promised none. Ask for the topic again from what we
+        // have; this message comes back with that replay, in its place.
+        if (!this._healing.has(topic)) {
+          this._healing.add(topic);
+          this.gaps += 1;
+          const resume = { type: "resume", since: { [topic]: last } };
+          if (this.epoch) resume.epoch = this.epoch;
+          this._send(resume);
+        }
+        return;
+      }
+      this._healing.delete(topic);
       this.lastSeq[topic] = msg.seq;
       this._emit("message", msg);
       return;
@@ -575,6 +609,10 @@ export class TetherClient {
         this._authenticated(msg);
         break;
       case "subscribed":
+        // Where each topic stands: a topic never received yet starts there.
+        for (const [t, seq] of Object.entries(msg.seqs ?? {})) {
+          if (this.lastSeq[t] === undefined && Number.isInteger(seq)) this.lastSeq[t] = seq;
+        }
         this._emit("control", msg);
         if (this._awaitingSubscribed) {
           this._awaitingSubscribed = false;
@@ -684,6 +722,8 @@ export class TetherClient {
       this._open();
       return;
     }
+    // Back on the network, or off it (the link is likely dead: ask now rather than
+    // at the watchdog's next look, about 4 s later): a probe with a fresh deadline.
     if (this._ws && this.state === "connected") this._watch(why);
   }
 
