@@ -1,7 +1,7 @@
 """TLS without a proxy: TLS_CERT/TLS_KEY serve https:// and wss:// on one port.
 
 The test makes its own CA and server certificate (for 127.0.0.1 and localhost);
-clients trust that CA only: aiohttp with `tls.client_context`, `tether watch
+clients trust that CA only: aiohttp and `Client(ssl=)` with `tls.client_context`, `tether watch
 --ca-file`, `tether publish --ca-file`, and Chromium through the SPKI hash of
 the server's key. The configuration errors are one line naming the variable.
 """
@@ -35,6 +35,7 @@ from tests.support import ROOT, ServerProcess
 from tests.test_watch_publish import CLEAN_ENV, WatchProcess, tether
 from tether import config
 from tether.app import Tether
+from tether.client import Client
 from tether.config import Settings
 from tether.errors import ConfigError
 from tether.tls import client_context
@@ -175,6 +176,18 @@ async def test_wss_and_https_with_a_client_trusting_the_ca(
             await session.get(f"{https(server)}/health", ssl=client_context())
 
 
+async def test_the_python_client_over_wss_with_a_private_ca(
+    server: ServerProcess, certs: Certs
+) -> None:
+    ctx = client_context(str(certs.ca))
+    async with Client(f"wss://localhost:{server.port}/ws", topics=["py"], ssl=ctx) as client:
+        await client.wait_connected(timeout=5)
+        reply = await client.publish({"type": "from-python"}, topic="py")  # over https
+        async with asyncio.timeout(5):
+            got = await anext(client)
+        assert got == {"type": "from-python", "topic": "py", "seq": reply["seq"]}
+
+
 async def test_plain_http_on_the_tls_port_gets_nothing_and_the_server_stays(
     server: ServerProcess, certs: Certs
 ) -> None:
@@ -183,6 +196,7 @@ async def test_plain_http_on_the_tls_port_gets_nothing_and_the_server_stays(
     async with asyncio.timeout(5):
         answer = await reader.read()  # the TLS layer refuses it and closes
     writer.close()
+    await writer.wait_closed()
     assert b"HTTP/1.1 200" not in answer
     async with aiohttp.ClientSession() as session, session.get(
             f"{https(server)}/health", ssl=client_context(str(certs.ca))) as res:
@@ -200,6 +214,7 @@ async def test_a_silent_connection_is_dropped_after_the_handshake_timeout(
         assert await reader.read() == b""
     elapsed = time.monotonic() - started
     writer.close()
+    await writer.wait_closed()
     assert 0.8 < elapsed < 5, elapsed
 
 
