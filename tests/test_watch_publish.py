@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,7 +106,10 @@ def test_watch_prints_messages_and_rtt_reconnects_after_restart_and_resumes() ->
         messages = [json.loads(line.split(" ", 2)[2]) for line in watch.events("message")]
         assert [(m["type"], m["seq"]) for m in messages] == [("one", 1), ("two", 1), ("four", 1)]
         summary = watch.lines()[-1]
-        assert "stopped: 3 messages, 1 resyncs, 1 reconnects" in summary
+        counts = re.search(r"stopped: 3 messages, 1 resyncs, (\d+) attempts, 2 connected, "
+                           r"(\d+) failed, 1 disconnects, longest connection", summary)
+        assert counts, summary  # attempts while the server was down failed: counted as such
+        assert int(counts[1]) == int(counts[2]) + 2 == len(watch.events("connecting"))
         # Every line is timestamped (a tunnel probe's log).
         assert all(line[:4].isdigit() and line[10] == "T" for line in watch.lines())
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from typing import Any
 
 from aiohttp import web
@@ -16,8 +17,8 @@ from tether import codes
 from tether.backplane.base import Backplane, Published
 from tether.backplane.memory import MemoryBackplane
 from tether.clock import Clock
-from tether.config import Settings
-from tether.errors import BackplaneError
+from tether.config import Settings, host_is_loopback
+from tether.errors import BackplaneError, ListenError
 from tether.hub import Hub, MessageHandler
 from tether.idempotency import check_key
 from tether.lifecycle import Handler, Lifecycle
@@ -59,6 +60,12 @@ class Tether:
         self.hub = Hub(self.settings, self.backplane, clock, greet=greet)
         self.lifecycle = Lifecycle()
         self.app: web.Application = build_app(self.hub, self.settings)
+        self.ssl_context: ssl.SSLContext | None = None
+        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+            from tether.tls import server_context
+
+            # ConfigError naming TLS_CERT or TLS_KEY for Settings made without config.load.
+            self.ssl_context = server_context(self.settings.tls_cert, self.settings.tls_key)
         self._runner: web.AppRunner | None = None
         self._sock = sock
         self.port = 0
@@ -98,10 +105,15 @@ class Tether:
         shown = "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
         if ":" in shown:
             shown = f"[{shown}]"
-        return f"http://{shown}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{shown}:{self.port}"
 
     async def start(self) -> None:
-        """Listen, start the heartbeat, and log `Server ready`."""
+        """Listen, start the heartbeat, and log `Server ready`.
+
+        Raises ListenError (an OSError) when the port is taken or HOST is not
+        this machine's, with nothing left running.
+        """
         await self.backplane.start(self.hub.deliver)
         runner = web.AppRunner(
             self.app,
@@ -117,15 +129,20 @@ class Tether:
         )
         await runner.setup()
         self._runner = runner
-        site: web.BaseSite
-        if self._sock is not None:
-            site = web.SockSite(runner, self._sock)
-        else:
-            site = web.TCPSite(runner, self.settings.host, self.settings.port,
-                               reuse_port=self.settings.workers > 1)
-        await site.start()
+        site = Site(runner, self.settings, self._sock, self.ssl_context)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            self._runner = None
+            await self.backplane.stop()
+            raise ListenError.of(self.settings.host, self.settings.port, exc) from exc
         self.port = _bound_port(runner, self.settings.port)
         self.hub.start_heartbeat()
+        if self.ssl_context is None and _exposed(self.settings, runner.addresses):
+            log.warn("Serving without TLS on a non-loopback address", host=self.settings.host,
+                     why="PUBLISH_TOKEN, connection tokens and ADMIN_TOKEN travel in clear: set "
+                         "TLS_CERT and TLS_KEY, or put a TLS proxy in front")
         url = self.url
         log.info(
             "Server ready",
@@ -168,6 +185,51 @@ class Tether:
             self._runner = None
 
 
+class Site(web.BaseSite):
+    """aiohttp's TCPSite and SockSite in one, with TLS and its handshake bounded.
+
+    asyncio gives a TLS handshake 60 s, and aiohttp's keep-alive timer (our
+    WS_HANDSHAKE_TIMEOUT) starts only once it is done: a silent TCP connection
+    to the TLS port would be held six times as long as one to the plain port.
+    The handshake gets WS_HANDSHAKE_TIMEOUT of its own (SPEC §10).
+    """
+
+    def __init__(self, runner: web.AppRunner, settings: Settings, sock: socket.socket | None,
+                 ssl_context: ssl.SSLContext | None) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self.settings = settings
+        self.sock = sock
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{self.settings.host}:{self.settings.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        tls: dict[str, Any] = {}
+        if self._ssl_context is not None:
+            tls = {"ssl": self._ssl_context,
+                   "ssl_handshake_timeout": self.settings.handshake_timeout_ms / 1000}
+        loop = asyncio.get_running_loop()
+        if self.sock is not None:
+            self._server = await loop.create_server(server, sock=self.sock,
+                                                    backlog=self._backlog, **tls)
+        else:
+            self._server = await loop.create_server(
+                server, self.settings.host, self.settings.port, backlog=self._backlog,
+                reuse_port=self.settings.workers > 1, **tls)
+
+
+def _exposed(settings: Settings, addresses: list[Any]) -> bool:
+    """Whether HOST, or an address actually bound, is reachable from other machines."""
+    if not settings.is_loopback:
+        return True
+    return any(isinstance(a, tuple) and not host_is_loopback(str(a[0])) for a in addresses)
+
+
 def _secrets(settings: Settings) -> tuple[str, ...]:
     return url_secrets(settings.redis_url) if settings.redis_url else ()
 
@@ -192,9 +254,8 @@ async def serve(settings: Settings) -> int:
         log.error("Cannot start the backplane", backplane=tether.backplane.name,
                   error=redact_text(str(exc), _secrets(settings)))
         return 2
-    except OSError as exc:
-        log.error("Cannot listen", host=settings.host, port=settings.port, error=str(exc))
-        await tether.backplane.stop()
+    except ListenError as exc:
+        log.error("Cannot listen", host=exc.host, port=exc.port, error=exc.reason)
         return 2
     orphan_guard = watch_parent(tether.lifecycle.request_stop)
     ready()  # tells a `--workers` parent that this process is listening

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from tether import config_values as values
@@ -60,6 +60,8 @@ class Settings:
     auth_public_key: PublicKey | None = None  # RS256/ES256 connection tokens
     public_topics: tuple[str, ...] = ()  # topic patterns readable without a token
     admin_token: str | None = None  # bearer token of /api/connections, /metrics, full /health
+    tls_cert: str | None = None  # PEM path: serve https:// and wss:// (with tls_key)
+    tls_key: str | None = None
 
     @property
     def heartbeat_enabled(self) -> bool:
@@ -69,6 +71,10 @@ class Settings:
     def auth_enabled(self) -> bool:
         """Every WebSocket client needs a token (but for PUBLIC_TOPICS)."""
         return self.auth_secret is not None or self.auth_public_key is not None
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None and self.tls_key is not None
 
     @property
     def is_loopback(self) -> bool:
@@ -159,7 +165,8 @@ OPTIONS: tuple[Option, ...] = (
         "--history-size",
         "messages kept per topic for resume",
     ),
-    Option("REDIS_URL", "redis_url", values.redis_url, "--redis-url", "use the Redis backplane"),
+    Option("REDIS_URL", "redis_url", values.redis_url, "--redis-url",
+           "use the Redis backplane (unset: the in-memory one)"),
     Option(
         "IDEMPOTENCY_WINDOW",
         "idempotency_window_ms",
@@ -172,21 +179,23 @@ OPTIONS: tuple[Option, ...] = (
         "publish_token",
         values.optional,
         "--publish-token",
-        "bearer token required by POST /event",
+        "bearer token required by POST /event (required when HOST is not loopback, unless "
+        "AUTH_SECRET or AUTH_PUBLIC_KEY is set)",
     ),
     Option(
         "ALLOWED_ORIGINS",
         "allowed_origins",
         values.origins,
         "--allowed-origins",
-        "comma list of Origins allowed to open a WebSocket",
+        "comma list of Origins allowed to open a WebSocket (* = any; unset: the same origin "
+        "and localhost pages)",
     ),
     Option(
         "TRUSTED_PROXIES",
         "trusted_proxies",
         parse_trusted,
         "--trusted-proxies",
-        "comma list of proxy IPs/CIDRs whose X-Forwarded-For is believed (default: none)",
+        "comma list of proxy IPs/CIDRs whose X-Forwarded-For is believed (unset: none)",
     ),
     Option("TETHER_WORKERS", "workers", values.int_in(1, 64), "--workers", "processes on one port"),
     Option(
@@ -266,7 +275,22 @@ OPTIONS: tuple[Option, ...] = (
         "--admin-token",
         "bearer token of /api/connections, /metrics and the full /health",
     ),
+    Option("TLS_CERT", "tls_cert", values.tls_cert, "--tls-cert",
+           "PEM certificate (chain) file: serve https:// and wss:// (needs TLS_KEY)"),
+    Option("TLS_KEY", "tls_key", values.tls_key, "--tls-key",
+           "PEM private key file of TLS_CERT, without a passphrase"),
 )
+
+
+def default_text(option: Option) -> str:
+    """The default of `option` as `tether serve --help` shows it: the Settings field's."""
+    value = _DEFAULTS[option.field]
+    if value is None or value == ():
+        return "unset"
+    return str(value)
+
+
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Settings)}
 
 
 def load(env: Mapping[str, str], overrides: Mapping[str, str | None] | None = None) -> Settings:
@@ -319,5 +343,12 @@ def _check_relations(s: Settings) -> None:
             f"is required when HOST is not a loopback address (HOST={s.host}), "
             "unless AUTH_SECRET or AUTH_PUBLIC_KEY is set",
         )
+    if (s.tls_cert is None) != (s.tls_key is None):
+        given, missing = ("TLS_CERT", "TLS_KEY") if s.tls_key is None else ("TLS_KEY", "TLS_CERT")
+        raise ConfigError(missing, f"must be set with {given} (both PEM files, or neither)")
+    if s.tls_cert is not None and s.tls_key is not None:
+        from tether.tls import server_context
+
+        server_context(s.tls_cert, s.tls_key)  # ConfigError when the key is not the cert's
     if s.workers > 1 and not s.redis_url:
         raise ConfigError("REDIS_URL", f"is required with --workers {s.workers} (> 1)")

@@ -100,3 +100,19 @@ def patterns(raw: str) -> tuple[str, ...]:
     from tether.auth import parse_patterns
 
     return parse_patterns(raw)
+
+
+# TLS: each file is read and checked alone here (the error names its variable);
+# config checks that the key is the certificate's.
+
+
+def tls_cert(raw: str) -> str | None:
+    from tether.tls import check_cert
+
+    return check_cert(raw)
+
+
+def tls_key(raw: str) -> str | None:
+    from tether.tls import check_key
+
+    return check_key(raw)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from enum import Enum
 
 
@@ -16,6 +18,35 @@ class ConfigError(TetherError):
         super().__init__(f"{variable} {reason}")
         self.variable = variable
         self.reason = reason
+
+
+class ListenError(TetherError, OSError):
+    """The server cannot listen: its port is taken, or HOST is not an address of this machine.
+
+    An OSError too, as the bind error it stands for (kept as `__cause__`);
+    `reason` says it in words, `host` and `port` where.
+    """
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        super().__init__(f"cannot listen on {host}:{port}: {reason}")
+        self.host = host
+        self.port = port
+        self.reason = reason
+
+    @classmethod
+    def of(cls, host: str, port: int, exc: OSError) -> ListenError:
+        """The error of a failed bind or listen, in words."""
+        if isinstance(exc, socket.gaierror):
+            reason = f"HOST {host!r} is not an IP address or a name that resolves ({exc.strerror})"
+        elif exc.errno == errno.EADDRINUSE:
+            reason = f"port {port} is already in use (another server?)"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            reason = f"HOST {host} is not an address of this machine"
+        elif exc.errno == errno.EACCES and 0 < port < 1024:
+            reason = f"port {port} needs root or CAP_NET_BIND_SERVICE (ports below 1024)"
+        else:
+            reason = exc.strerror or str(exc)
+        return cls(host, port, reason)
 
 
 class Refusal(Enum):

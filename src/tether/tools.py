@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 # Answers after which the event may or may not have been published: retried.
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -35,14 +36,34 @@ def new_key() -> str:
     return str(uuid.uuid4())
 
 
+def event_url(url: str) -> str:
+    """Where to POST: `url` is the server's http(s):// or ws(s):// URL, with or without a path.
+
+    `ws://host:4011/ws` publishes to `http://host:4011/event`, `https://host`
+    to `https://host/event`. ValueError for any other scheme.
+    """
+    u = URL(url.strip())
+    scheme = {"ws": "http", "wss": "https"}.get(u.scheme, u.scheme)
+    if scheme not in ("http", "https") or not u.host:
+        raise ValueError(f"not an http(s):// or ws(s):// URL: {url!r}")
+    path = u.path.rstrip("/")
+    if path.endswith("/ws"):
+        path = path[: -len("/ws")]
+    if not path.endswith("/event"):
+        path += "/event"
+    return str(u.with_scheme(scheme).with_path(path).with_query(None).with_fragment(None))
+
+
 async def publish_event(
     url: str, event: dict[str, Any], token: str | None = None, timeout: float = 10.0,
     key: str | None = None, *, ssl: _ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """POST one event to `url` (`.../event` is added when missing), once; (status, JSON reply)."""
-    target = url.rstrip("/")
-    if not target.endswith("/event"):
-        target += "/event"
+    """POST one event to the server at `url` (see `event_url`), once; (status, JSON reply).
+
+    `ssl`: the TLS context for an https URL, e.g. trusting a private CA
+    (`tls.client_context`); None: aiohttp's default verification.
+    """
+    target = event_url(url)
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -100,14 +121,17 @@ async def publish_retrying(
     """Publish with an idempotency key, retrying while the outcome is unknown.
 
     Returns (status, reply, key) of the last attempt. Raises the last
-    connection error or timeout when every attempt failed that way. `ssl`:
-    the TLS context for an https URL (None: aiohttp's default verification).
+    connection error or timeout when every attempt failed that way, and a
+    certificate error at once (nothing was sent; a retry cannot change it).
+    `ssl`: the TLS context for an https URL (None: aiohttp's default verification).
     """
     key = key if key is not None else new_key()
     attempts = max(1, attempts)
     for attempt in range(1, attempts + 1):
         try:
             status, reply = await publish_event(url, event, token, timeout, key, ssl=ssl)
+        except aiohttp.ClientConnectorCertificateError:
+            raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if attempt == attempts:
                 raise
@@ -127,9 +151,25 @@ async def publish_retrying(
 
 def publish(
     url: str, raw: str, topic: str | None, priority: str | None, token: str | None,
-    key: str | None = None, attempts: int = ATTEMPTS,
+    key: str | None = None, attempts: int = ATTEMPTS, ca_file: str | None = None,
 ) -> int:
-    """`tether publish`: 0 when accepted, 1 when refused or unreachable (message on stderr)."""
+    """`tether publish`: 0 when accepted, 1 when refused or unreachable, 2 bad arguments.
+
+    The reason goes to stderr in one line (and the key to retry with, when the
+    event may have been published).
+    """
+    from tether.tls import client_context
+
+    try:
+        url = event_url(url)
+    except ValueError as exc:
+        print(f"tether publish: --url {exc}", file=sys.stderr)
+        return 2
+    try:
+        ctx = client_context(ca_file) if ca_file else None
+    except ValueError as exc:
+        print(f"tether publish: --ca-file {exc}", file=sys.stderr)
+        return 2
     try:
         event = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -150,8 +190,12 @@ def publish(
 
     key = key if key is not None else new_key()
     try:
-        status, reply, key = asyncio.run(
-            publish_retrying(url, event, token, key=key, attempts=attempts, on_retry=said))
+        status, reply, key = asyncio.run(publish_retrying(
+            url, event, token, key=key, attempts=attempts, on_retry=said, ssl=ctx))
+    except aiohttp.ClientConnectorCertificateError as exc:
+        print(f"tether publish: the certificate of {url} is not trusted "
+              f"({exc.certificate_error}); for a private CA, pass --ca-file", file=sys.stderr)
+        return 1
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         print(f"tether publish: cannot reach {url}: {exc}", file=sys.stderr)
         print(f"tether publish: to retry without a duplicate: --key {shlex.quote(key)}",

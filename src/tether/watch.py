@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import signal
 import sys
+from ssl import SSLContext
 from typing import Any, TextIO
 
 import orjson
 
 from tether.client import Client, State, StateChange, Token
 from tether.clock import Clock, SystemClock, iso
+from tether.tls import client_context
 
 
 class Watcher:
@@ -28,7 +30,10 @@ class Watcher:
         self.count = count
         self.messages = 0
         self.resyncs = 0
-        self.drops = 0
+        self.attempts = 0  # connection attempts, the first included
+        self.connections = 0  # attempts that connected
+        self.failures = 0  # attempts that never opened (refused, timed out, TLS, HTTP error)
+        self.drops = 0  # open connections that ended
         self.longest = 0.0
         self.connected_at: float | None = None
         self.unauthorized = False
@@ -69,9 +74,10 @@ class Watcher:
     def on_state(self, change: StateChange) -> None:
         state = change.state
         if state is State.CONNECTING:
-            attempt = f" (attempt {change.attempt})" if change.attempt else ""
-            self.line(f"connecting{attempt}")
+            self.attempts += 1
+            self.line(f"connecting (attempt {self.attempts})")
         elif state is State.CONNECTED:
+            self.connections += 1
             self.connected_at = self.clock.now()
             self.line(f"connected session={change.session_id}")
         elif state is State.RECONNECTING:
@@ -81,9 +87,17 @@ class Watcher:
                 self.connected_at = None
                 self.line(f"disconnected after {change.up_for:.1f} s: {change.reason}")
             else:
-                self.line(f"attempt failed: {change.reason}")
-            self.line(f"reconnecting in {change.delay or 0.0:.2f} s (attempt {change.attempt})")
+                self.failures += 1
+                self.line(f"attempt {self.attempts} failed: {change.reason}")
+            self.line(f"reconnecting in {change.delay or 0.0:.2f} s "
+                      f"(attempt {self.attempts + 1})")
         elif state is State.UNAUTHORIZED:
+            if self.connected_at is None:
+                self.failures += 1  # refused before it was admitted
+            else:
+                self.drops += 1
+                self.longest = max(self.longest, self.up_for())
+                self.connected_at = None
             self.unauthorized = True
             self.line(f"unauthorized: {change.reason} (the token will not do: not reconnecting)")
             self.done.set()
@@ -91,9 +105,14 @@ class Watcher:
             self.done.set()
 
     def summary(self) -> str:
+        """The last line: what happened, counted as it happened (no reconnect that never was)."""
         self.longest = max(self.longest, self.up_for())
-        return (f"stopped: {self.messages} messages, {self.resyncs} resyncs, "
-                f"{self.drops} reconnects, longest connection {self.longest:.1f} s")
+        if not self.connections:
+            return (f"stopped: {self.messages} messages, never connected: {self.attempts} "
+                    f"attempts, {self.failures} failed")
+        return (f"stopped: {self.messages} messages, {self.resyncs} resyncs, {self.attempts} "
+                f"attempts, {self.connections} connected, {self.failures} failed, "
+                f"{self.drops} disconnects, longest connection {self.longest:.1f} s")
 
 
 async def watch(
@@ -107,10 +126,12 @@ async def watch(
     out: TextIO | None = None,
     clock: Clock | None = None,
     token: Token | None = None,
+    ssl: SSLContext | None = None,
 ) -> int:
     """Watch until Ctrl+C, SIGTERM or `count` messages; 0 on a clean exit, 1 when unauthorized.
 
     `token`: a connection token, or a function giving a fresh one (see `Client`).
+    `ssl`: the context of a wss:// server (see `tls.client_context`); None: the system's CAs.
     """
     clock = clock or SystemClock()
     w = Watcher(out or sys.stdout, clock, count)
@@ -129,6 +150,7 @@ async def watch(
         backoff_cap=max(30.0, backoff),
         clock=clock,
         token=token,
+        ssl=ssl,
     )
     loop = asyncio.get_running_loop()
     stoppers = (signal.SIGINT, signal.SIGTERM)
@@ -147,13 +169,19 @@ async def watch(
 
 
 def main(url: str, topics: str | None, ping_interval: float, ping_timeout: float,
-         backoff: float, count: int | None, token: str | None = None) -> int:
+         backoff: float, count: int | None, token: str | None = None,
+         ca_file: str | None = None) -> int:
     """`tether watch`: the CLI passes its parsed arguments here."""
     names = [t.strip() for t in (topics or "").split(",") if t.strip()]
     try:
+        ctx = client_context(ca_file) if ca_file else None
+    except ValueError as exc:
+        print(f"tether watch: --ca-file {exc}", file=sys.stderr)
+        return 2
+    try:
         return asyncio.run(watch(url, topics=names, ping_interval=ping_interval,
                                  ping_timeout=ping_timeout, backoff=backoff, count=count,
-                                 token=token or None))
+                                 token=token or None, ssl=ctx))
     except ValueError as exc:
         print(f"tether watch: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable, Mapping
 
 from tether.config import Settings
+from tether.errors import ListenError
 from tether.lifecycle import SHUTDOWN_TIMEOUT
 from tether.logs import get_logger
 
@@ -78,17 +79,23 @@ def run(settings: Settings, overrides: Mapping[str, str | None]) -> int:
     return asyncio.run(Supervisor(settings, overrides).run())
 
 
-def reserve_port(host: str) -> socket.socket:
-    """A bound (not listening) SO_REUSEPORT socket on a free port, held by the parent.
+def reserve_port(host: str, port: int = 0) -> socket.socket:
+    """A bound (not listening) SO_REUSEPORT socket on `port` (0: a free one), held by the parent.
 
     Workers bind the same port with SO_REUSEPORT; only listening sockets get
-    connections, and holding this one keeps other programs off the port.
+    connections, and holding this one keeps other programs off the port. A
+    port taken by another program, or a HOST that is not this machine's, fails
+    here, in the parent, as one error before any worker starts.
     """
-    family, kind, proto, _, addr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(addr)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -146,9 +153,13 @@ class Supervisor:
             loop.add_signal_handler(sig, self._on_signal, sig)
         port = self.settings.port
         try:
-            if port == 0:
-                self._reserved = reserve_port(self.settings.host)
-                port = int(self._reserved.getsockname()[1])
+            self._reserved = reserve_port(self.settings.host, port)
+        except OSError as exc:
+            error = ListenError.of(self.settings.host, port, exc)
+            log.error("Cannot listen", host=error.host, port=error.port, error=error.reason)
+            return 2
+        try:
+            port = int(self._reserved.getsockname()[1])
             self.env["PORT"] = str(port)
             log.info("Starting workers", count=self.settings.workers, port=port)
             started = await asyncio.gather(
