@@ -159,6 +159,8 @@ class Hub:
             code, reason = conn.close_code, conn.close_reason
         conn.closing = True
         self._unregister(conn)
+        counted = int(code if code is not None else codes.Close.ABNORMAL)
+        self.stats.disconnects[counted] = self.stats.disconnects.get(counted, 0) + 1
         data: dict[str, Any] = {}
         if conn.grant is not None and conn.grant.sub is not None:
             data["sub"] = conn.grant.sub

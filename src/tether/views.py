@@ -52,6 +52,10 @@ class Stats:
     loop_lag: float = 0.0  # seconds, last measurement
     loop_lag_max: float = 0.0
     loop_stalls: int = 0
+    # Connections ended, by close code (the one logged in `WebSocket client
+    # disconnected`; 1006 when none was exchanged, RFC 6455 §7.1.5). Bounded:
+    # a client may only send the codes wire.py lets through (about 2,000).
+    disconnects: dict[int, int] = field(default_factory=dict)
 
 
 def minimal_health(hub: Hub) -> dict[str, Any]:
@@ -107,6 +111,7 @@ def health(hub: Hub) -> dict[str, Any]:
             "refreshes": s.token_refreshes,
             "topicsRefused": s.topics_refused,
         },
+        "disconnects": {str(code): n for code, n in sorted(s.disconnects.items())},
         "backplane": hub.backplane.state(),
     }
 
