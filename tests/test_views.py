@@ -9,7 +9,9 @@ import aiohttp
 
 from tests.aio import eventually
 from tests.conftest import LogCapture, StartTether
+from tests.hostile import Raw
 from tests.wsraw import RawWS
+from tether import metrics
 
 
 async def get_json(url: str, token: str | None = None) -> Any:
@@ -68,3 +70,15 @@ async def test_health_counts_disconnects_by_the_logged_close_code(
         assert not reading.done()
         await keeper.close()
         await reading
+
+
+async def test_metrics_count_disconnects_by_code(start_tether: StartTether) -> None:
+    t = await start_tether(heartbeat_interval_ms=0)
+    ws = await Raw.connect(t.port)
+    await ws.recv_json()
+    ws.send(0x8, (4000).to_bytes(2, "big"))
+    await ws.close_code()
+    ws.close()
+    assert await eventually(lambda: len(t.hub.registry) == 0)
+    text = metrics.render(t.hub).decode()
+    assert 'tether_disconnects_total{code="4000"} 1.0' in text

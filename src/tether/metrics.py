@@ -71,6 +71,11 @@ class HubCollector:
             for p in Priority:
                 family.add_metric([p.name.lower()], values[p])
             yield family
+        closes = CounterMetricFamily("tether_disconnects", "Connections ended, by close code",
+                                     labels=["code"])
+        for code, n in sorted(s.disconnects.items()):
+            closes.add_metric([str(code)], n)
+        yield closes
         paused = sum(1 for c in hub.registry if c.paused)
         yield gauge("paused_clients", "Clients above the backpressure mark", paused)
         yield counter("slow_closed", "Clients closed as too slow (1013)", s.slow_closed)
