@@ -134,3 +134,13 @@ test("a topic's first position comes from subscribed", () => {
   c.forceReconnect();
   assert.equal(new URL(sockets[1].url).searchParams.get("since"), "fresh:0");
 });
+
+test("a topic added while the connection opens is subscribed once it is open", () => {
+  const { c, sockets } = setup({ topics: ["a"] });
+  c.connect();
+  c.subscribe(["late"]); // not open yet: cannot be sent now
+  assert.deepEqual(sockets[0].sent, []);
+  sockets[0].open(); // and the server's `connected`
+  assert.deepEqual(sockets[0].sent.filter((m) => m.type === "subscribe"),
+    [{ type: "subscribe", topics: ["late"] }]);
+});

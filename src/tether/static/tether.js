@@ -380,6 +380,7 @@ export class TetherClient {
     let ws;
     try {
       ws = new this._WebSocket(this.nextUrl());
+      this._urlTopics = new Set(this.usesToken ? [] : this.topics); // asked for in the URL
     } catch (err) {
       this._emit("error", { type: "error", error: String(err) });
       this._scheduleRetry({ code: 1006, reason: String(err) });
@@ -410,7 +411,13 @@ export class TetherClient {
     this.sessionId = msg.sessionId ?? null;
     this.epoch = typeof msg.epoch === "string" ? msg.epoch : null;
     // The URL carried our positions: from here on they are of this life.
-    if (!this.usesToken) this._seqEpoch = this.epoch;
+    if (!this.usesToken) {
+      this._seqEpoch = this.epoch;
+      // Topics added while this connection was opening (a subscribe cannot be sent
+      // before it is open): asked for now.
+      const late = [...this.topics].filter((t) => !this._urlTopics?.has(t));
+      if (late.length) this._send({ type: "subscribe", topics: late });
+    }
     if (!this.usesToken) this._ready();
   }
 
