@@ -195,3 +195,17 @@ async def test_subscribed_tells_each_topics_position_and_nothing_falls_between(
     got = [await ws.recv_json(), await ws.recv_json()]
     assert sorted((m["topic"], m["seq"]) for m in got) == [("busy", 8), ("empty", 1)]
     ws.close()
+
+
+async def test_connected_tells_where_each_topic_it_reads_stands(start_tether: StartTether) -> None:
+    t = await start_tether(heartbeat_interval_ms=0)
+    for _ in range(3):
+        await t.publish({"type": "x", "topic": "t"})
+    await t.publish({"type": "x"})  # the broadcast topic
+    ws = await Raw.connect(t.port, "/ws?topics=t,quiet")
+    hello = await ws.recv_json()
+    assert hello["seqs"] == {"t": 3, "quiet": 0, "*": 1}
+    await t.publish({"type": "x", "topic": "quiet"})
+    msg = await ws.recv_json()
+    assert (msg["topic"], msg["seq"]) == ("quiet", 1)  # right after the told position
+    ws.close()

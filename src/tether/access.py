@@ -108,10 +108,25 @@ class Access:
                watch: bool = False) -> None:
         hub = self.hub
         hub.regrant(conn, grant)
+        admission, error = None, None
+        if topics:
+            try:
+                admission = hub.registry.admit(conn, topics, hub.settings.max_topics)
+            except ValueError as exc:
+                error = str(exc)
+            else:
+                # Hub.open tells the backplane once it is done; an `auth` admission here.
+                hub.registry.subscribe(conn, admission.granted)
+                if watch:
+                    hub.watch_topics()
         if hub.greet:
-            hub.send_control(conn, {"type": "connected", "sessionId": conn.session_id,
-                                    "timestamp": iso(conn.connected_at),
-                                    "epoch": hub.backplane.epoch})
+            greeting: dict[str, Any] = {"type": "connected", "sessionId": conn.session_id,
+                                        "timestamp": iso(conn.connected_at),
+                                        "epoch": hub.backplane.epoch}
+            seqs = hub.fanout.positions(conn)
+            if seqs:
+                greeting["seqs"] = seqs
+            hub.send_control(conn, greeting)
         if token:
             self._arm_expiry(conn, grant)
             self.authenticated(conn, grant)
@@ -119,16 +134,9 @@ class Access:
         if grant.sub is not None:
             data["sub"] = grant.sub
         ws_log.info("WebSocket client connected", **data)
-        if topics:
-            try:
-                admission = hub.registry.admit(conn, topics, hub.settings.max_topics)
-            except ValueError as exc:
-                hub.inbound.client_error(conn, str(exc))
-                return
-            # Hub.open tells the backplane once it is done; an `auth` admission here.
-            hub.registry.subscribe(conn, admission.granted)
-            if watch:
-                hub.watch_topics()
+        if error is not None:
+            hub.inbound.client_error(conn, error)
+        elif admission is not None:
             self.refused_topics(conn, admission.refused)
 
     # ---- messages

@@ -180,6 +180,14 @@ class Fanout:
             self.stats.resyncs += 1
             self.hub.send_control(conn, {"type": "resync", "topic": topic, "seq": seq})
 
+    def positions(self, conn: Connection) -> dict[str, int]:
+        """Where each topic `conn` reads stands, where the backplane knows it at once."""
+        topics = [*conn.topics]
+        if conn.grant is None or conn.grant.can_read("*"):
+            topics.append("*")
+        found = {t: self.hub.backplane.position(t) for t in topics}
+        return {t: seq for t, seq in found.items() if seq is not None}
+
     async def subscribe(self, conn: Connection, granted: list[str]) -> None:
         """Start `conn` on `granted` topics at their current seq, and tell it where (`subscribed`).
 

@@ -283,7 +283,8 @@ def test_all_topics_feed_follows_the_clients_topics_and_filters(
                   {"type": "all"}, {"type": "order", "topic": "orders"}):
         publish(server.url, event)
     page.locator('#feed tr[data-topic="orders"][data-seq="2"]').wait_for(timeout=10_000)
-    page.wait_for_function("document.querySelectorAll('#feed tr.event').length === 5", timeout=10_000)
+    page.wait_for_function("document.querySelectorAll('#feed tr.event').length === 5",
+                           timeout=10_000)
     assert sorted(feed_topics(page)) == ["*", "chat.lobby", "demo", "orders", "orders"]
     assert "nobody" not in feed_topics(page, visible_only=False), "no client reads it"
 

@@ -82,6 +82,16 @@ class Backplane(ABC):
         """
         return ""
 
+    def position(self, topic: str) -> int | None:
+        """The seq after which every message of `topic` is still to be delivered here, if known.
+
+        Known at once when delivery follows publishing in order on this node (the
+        memory backplane: the topic's last seq; Redis: where the reader stands on a
+        topic it already reads); None otherwise. A client told this position
+        misses nothing after it (`connected`'s `seqs`).
+        """
+        return None
+
     def watch(self, topics: set[str]) -> None:  # noqa: B027 - optional hook
         """The topics this node has subscribers for (a hint; memory ignores it)."""
 

@@ -55,6 +55,9 @@ class MemoryBackplane(Backplane):
     def epoch(self) -> str:
         return self._epoch
 
+    def position(self, topic: str) -> int | None:
+        return self.history.last_seq(topic)  # delivery is in the publish call itself
+
     async def publish(self, prepared: Prepared, key: str | None = None) -> Published:
         # No await from the check to the put: a concurrent repeat cannot slip between.
         if key is not None:

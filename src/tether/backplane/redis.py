@@ -234,6 +234,9 @@ class RedisBackplane(Backplane):
 
     # ------------------------------------------------------------------ publish / since
 
+    def position(self, topic: str) -> int | None:
+        return self.reader.positions.last.get(topic)  # the reader's place on a started topic
+
     @property
     def epoch(self) -> str:
         raw = self.reader.epoch

@@ -264,6 +264,10 @@ class Session:
                 await call(client.on_rtt, rtt)
         elif kind is Kind.CONNECTED:
             client.session_id = str(msg.get("sessionId"))
+            positions = msg.get("seqs")
+            for topic, seq in (positions.items() if isinstance(positions, dict) else ()):
+                if isinstance(seq, int):
+                    client.tracker.position(topic, seq)
             epoch = msg.get("epoch")
             self.epoch = epoch if isinstance(epoch, str) else None
             if client.token is None:  # our positions went with the URL: now of this epoch

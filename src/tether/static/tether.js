@@ -409,6 +409,7 @@ export class TetherClient {
 
   _greeted(msg) {
     this.sessionId = msg.sessionId ?? null;
+    this._takePositions(msg.seqs);
     this.epoch = typeof msg.epoch === "string" ? msg.epoch : null;
     // The URL carried our positions: from here on they are of this life.
     if (!this.usesToken) {
@@ -428,6 +429,13 @@ export class TetherClient {
       this._connectTimer = null;
     }
     this._setState("connected", { attempt: this.attempt, sessionId: this.sessionId });
+  }
+
+  /** Where each topic stands (`connected`, `subscribed`): a topic never received starts there. */
+  _takePositions(seqs) {
+    for (const [t, seq] of Object.entries(seqs ?? {})) {
+      if (this.lastSeq[t] === undefined && Number.isInteger(seq)) this.lastSeq[t] = seq;
+    }
   }
 
   _authenticated(msg) {
@@ -616,10 +624,7 @@ export class TetherClient {
         this._authenticated(msg);
         break;
       case "subscribed":
-        // Where each topic stands: a topic never received yet starts there.
-        for (const [t, seq] of Object.entries(msg.seqs ?? {})) {
-          if (this.lastSeq[t] === undefined && Number.isInteger(seq)) this.lastSeq[t] = seq;
-        }
+        this._takePositions(msg.seqs);
         this._emit("control", msg);
         if (this._awaitingSubscribed) {
           this._awaitingSubscribed = false;
