@@ -487,7 +487,7 @@ async def test_a_url_token_admits_with_its_grant_and_refuses_the_rest() -> None:
     got = rig.got(peer)
     assert kinds(got) == ["connected", "authenticated", "error", "note"]
     assert got[1]["sub"] == "alice" and got[1]["expiresIn"] == 60
-    assert got[1]["topics"] == []  # said before the URL's topics were taken
+    assert got[1]["topics"] == ["orders", "user.42.a"]  # the URL's topics, taken first
     assert got[2]["topic"] == "secrets" and "forbidden" in got[2]["error"]
     assert got[3]["topic"] == "orders"
     assert c.topics == {"orders", "user.42.a"}

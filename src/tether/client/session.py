@@ -264,10 +264,7 @@ class Session:
                 await call(client.on_rtt, rtt)
         elif kind is Kind.CONNECTED:
             client.session_id = str(msg.get("sessionId"))
-            positions = msg.get("seqs")
-            for topic, seq in (positions.items() if isinstance(positions, dict) else ()):
-                if isinstance(seq, int):
-                    client.tracker.position(topic, seq)
+            take_positions(client.tracker, msg.get("seqs"))
             epoch = msg.get("epoch")
             self.epoch = epoch if isinstance(epoch, str) else None
             if client.token is None:  # our positions went with the URL: now of this epoch
@@ -281,10 +278,7 @@ class Session:
             await self._authenticated(msg)
             await call(client.on_control, msg)
         elif msg.get("type") == "subscribed":
-            seqs = msg.get("seqs")
-            for topic, seq in (seqs.items() if isinstance(seqs, dict) else ()):
-                if isinstance(seq, int):  # where a topic never received yet stands
-                    client.tracker.position(topic, seq)
+            take_positions(client.tracker, msg.get("seqs"))
             await call(client.on_control, msg)
             if self.awaiting_subscribed:
                 self.awaiting_subscribed = False
@@ -323,6 +317,13 @@ class Session:
     async def _send_now(ws: aiohttp.ClientWebSocketResponse, msg: JSON) -> None:
         with contextlib.suppress(ConnectionError, aiohttp.ClientError):
             await ws.send_str(orjson.dumps(msg).decode())
+
+
+def take_positions(tracker: SeqTracker, seqs: object) -> None:
+    """Where each topic stands (`connected`, `subscribed`): a topic never received starts there."""
+    for topic, seq in (seqs.items() if isinstance(seqs, dict) else ()):
+        if isinstance(topic, str) and isinstance(seq, int):
+            tracker.position(topic, seq)
 
 
 def resume_message(tracker: SeqTracker, since: dict[str, int]) -> JSON:
