@@ -164,10 +164,19 @@ class Fanout:
         """Resume the topics with held-back messages from the history (a task of the hub)."""
         if not conn.deferred or conn.pending is not None or conn.closing:
             return  # nothing held back, or a replay under way takes the new ones in turn
-        positions, conn.deferred = conn.deferred, None
-        task = asyncio.ensure_future(self.resume(conn, positions, recovering=True))
+        task = asyncio.ensure_future(self._recover(conn))
         self._tasks.add(task)  # held until done (asyncio keeps only weak references)
         task.add_done_callback(self._tasks.discard)
+
+    async def _recover(self, conn: Connection) -> None:
+        # The held-back topics are taken only now that the task runs, and `resume`
+        # holds live messages back from its first step (no await in between): a
+        # message published before the task ran is still held back behind them, not
+        # sent ahead of them (a hole, then the replay repeating it).
+        if not conn.deferred or conn.pending is not None or conn.closing:
+            return
+        positions, conn.deferred = conn.deferred, None
+        await self.resume(conn, positions, recovering=True)
 
     def resync(self, conn: Connection, topic: str, seq: int) -> None:
         """The backplane lost messages of `topic` up to `seq` (0: it renumbered from 1).
