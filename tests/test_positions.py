@@ -209,3 +209,34 @@ async def test_connected_tells_where_each_topic_it_reads_stands(start_tether: St
     msg = await ws.recv_json()
     assert (msg["topic"], msg["seq"]) == ("quiet", 1)  # right after the told position
     ws.close()
+
+
+async def test_held_back_messages_reach_a_paused_client_before_its_1001() -> None:
+    """What a paused client had held back was accepted too: it goes out before the 1001.
+
+    A memory history dies with the process, so a resume could never bring it back
+    (found by the chaos test: a client paused while the server restarted).
+    """
+    t = Tether(Settings(port=0, heartbeat_interval_ms=0, close_timeout_ms=1000,
+                        backpressure_high=16_384, backpressure_low=4_096,
+                        max_buffer=64 * 1024 * 1024))
+    await t.start()
+    ws = await Raw.connect(t.port, "/ws?topics=t", rcvbuf=4096, limit=1024)
+    await ws.recv_json()
+    (conn,) = t.hub.registry
+    filled = 0
+    while not conn.outbox.paused:  # it reads nothing: big messages until it is paused
+        await t.publish({"type": "n", "topic": "t", "payload": "f" * 60_000})
+        await asyncio.sleep(0.001)
+        filled += 1
+        assert filled < 2000, "the client was never paused"
+    for i in range(5):
+        await t.publish({"type": "held", "topic": "t", "priority": "low", "payload": i})
+    assert conn.outbox.paused and conn.deferrals >= 5
+    stopping = asyncio.create_task(t.stop())
+    code, frames = await ws.close_code(timeout=20)  # it reads again: everything, then the close
+    await stopping
+    assert code == 1001
+    received = [orjson.loads(f.payload)["seq"] for f in frames if f.opcode == 0x1]
+    assert received == list(range(1, filled + 6))  # the held-back five included, in order
+    ws.close()

@@ -177,6 +177,7 @@ class Tether:
         deadline = loop.time() + 2.0
         while self.hub.fanout.in_flight and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
+        await self.hub.fanout.recover_all()  # held back from paused clients: accepted too
         self.hub.flush()
         await self.hub.close_all(*codes.SHUTTING_DOWN)
         self.hub.stop()

@@ -178,6 +178,15 @@ class Fanout:
         positions, conn.deferred = conn.deferred, None
         await self.resume(conn, positions, recovering=True)
 
+    async def recover_all(self) -> None:
+        """Send every client's held-back messages now, paused or not (shutdown).
+
+        They were accepted, and a memory history dies with the process: they go out
+        before the 1001 close, or the client closes as too slow (1013) trying.
+        """
+        for conn in list(self.registry):
+            await self._recover(conn)
+
     def resync(self, conn: Connection, topic: str, seq: int) -> None:
         """The backplane lost messages of `topic` up to `seq` (0: it renumbered from 1).
 
