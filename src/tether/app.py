@@ -177,7 +177,9 @@ class Tether:
         deadline = loop.time() + 2.0
         while self.hub.fanout.in_flight and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
-        await self.hub.fanout.recover_all()  # held back from paused clients: accepted too
+        # Held back from paused clients was accepted too, and a memory history dies with
+        # this process: it goes out before the 1001 (or the client closes 1013 trying).
+        await self.hub.fanout.recover_all()
         self.hub.flush()
         await self.hub.close_all(*codes.SHUTTING_DOWN)
         self.hub.stop()

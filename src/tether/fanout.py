@@ -169,21 +169,15 @@ class Fanout:
         task.add_done_callback(self._tasks.discard)
 
     async def _recover(self, conn: Connection) -> None:
-        # The held-back topics are taken only now that the task runs, and `resume`
-        # holds live messages back from its first step (no await in between): a
-        # message published before the task ran is still held back behind them, not
-        # sent ahead of them (a hole, then the replay repeating it).
+        # Taken only once the task runs, where `resume` holds live messages back at
+        # once: none slips out ahead of them (a hole, then the replay repeating it).
         if not conn.deferred or conn.pending is not None or conn.closing:
             return
         positions, conn.deferred = conn.deferred, None
         await self.resume(conn, positions, recovering=True)
 
     async def recover_all(self) -> None:
-        """Send every client's held-back messages now, paused or not (shutdown).
-
-        They were accepted, and a memory history dies with the process: they go out
-        before the 1001 close, or the client closes as too slow (1013) trying.
-        """
+        """Send every client's held-back messages now, paused or not (shutdown, before 1001)."""
         for conn in list(self.registry):
             await self._recover(conn)
 
