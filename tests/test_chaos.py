@@ -14,6 +14,7 @@ one must find the violation it is for, and pass the sequences that keep it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -196,7 +197,7 @@ def _assert_clean(result: Result) -> None:
     idle = [f"{f.kind} ({f.note})" for f in result.faults if not f.effect]
     assert not idle, f"faults that did not bite: {idle}\n{text}"
     counts, server = result.report.counts, result.server_counts
-    assert counts["accepted: delivered"] > 10_000, text  # it checked something
+    assert counts["accepted: delivered"] > 2_000, text  # it checked something
     assert server["recovered (held back, then sent from the history)"] > 0, text  # pause
     assert counts["closes 1013"] >= 1 or server["closed as too slow (1013)"] >= 1, text
     assert server["closed as stale (heartbeat)"] >= 1, text  # SIGSTOP
@@ -204,9 +205,9 @@ def _assert_clean(result: Result) -> None:
 
 
 @pytest.mark.slow
-async def test_chaos_memory_backplane() -> None:
+async def test_chaos_memory_backplane(tmp_path: Path) -> None:
     result = await run_chaos(Config(backplane="memory", seconds=SECONDS, seed=SEED,
-                                    bounded=True, quiet=True))
+                                    bounded=True, quiet=True, workdir=tmp_path))
     _assert_clean(result)
     assert sorted(f.kind for f in result.faults) == ["pause", "reset", "restart", "slow", "stop"]
     counts = result.report.counts
@@ -216,9 +217,10 @@ async def test_chaos_memory_backplane() -> None:
 
 @pytest.mark.slow
 @pytest.mark.redis
-async def test_chaos_redis_backplane(private_redis: RedisServer) -> None:
+async def test_chaos_redis_backplane(private_redis: RedisServer, tmp_path: Path) -> None:
     result = await run_chaos(Config(backplane="redis", seconds=SECONDS, seed=SEED,
-                                    bounded=True, quiet=True), redis=private_redis)
+                                    bounded=True, quiet=True, workdir=tmp_path),
+                             redis=private_redis)
     _assert_clean(result)
     assert sorted(f.kind for f in result.faults) == [
         "nodekill", "pause", "redis", "reset", "slow", "stop"]
