@@ -15,7 +15,7 @@ from tether.history import History
 from tether.message import Priority, prepare, stamp
 from tether.outbox import Backpressure, Decision, Outbox, Writer
 from tether.registry import Connection, Registry
-from tether.wire import BINARY, PING, PONG, TEXT, FrameReader, lone_pong
+from tether.wire import BINARY, PING, PONG, TEXT, FrameReader
 
 
 def conn(sid: str, *topics: str) -> Connection:
@@ -176,6 +176,7 @@ def test_a_lone_heartbeat_pong_is_read_as_its_ping_id() -> None:
     from tests.wsraw import encode
 
     pong = encode(0xA, (123456789).to_bytes(8, "big"))
+    lone_pong = FrameReader(1000).lone_pong
     assert lone_pong(pong) == 123456789
     assert lone_pong(encode(0xA, b"1234567")) is None  # not 8 bytes: not ours
     assert lone_pong(encode(0x9, b"12345678")) is None  # a ping, not a pong
@@ -183,7 +184,7 @@ def test_a_lone_heartbeat_pong_is_read_as_its_ping_id() -> None:
     # Inside another frame's payload the same bytes are data: the caller asks first.
     reader = FrameReader(1000)
     reader.feed(encode(0x1, b"x" * 40)[:20])
-    assert not reader.at_boundary
+    assert not reader.at_boundary and reader.lone_pong(pong) is None
 
 
 @pytest.mark.parametrize(("data", "failure"), [

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING, Any
 from tether import frames
 from tether.backplane.base import Published
 from tether.errors import PublishError, Refusal, ShuttingDown
+from tether.inbound import MAX_SEQ  # past any topic's last seq: `since` answers resync
 from tether.message import Message, Priority, prepare
 from tether.outbox import Decision
-
-MAX_SEQ = 2**63 - 1  # past any topic's last seq: `since` answers resync with the last
 
 if TYPE_CHECKING:
     from tether.hub import Hub
@@ -182,15 +181,15 @@ class Fanout:
             await self._recover(conn)
 
     def resync(self, conn: Connection, topic: str, seq: int) -> None:
-        """The backplane lost messages of `topic` up to `seq` (0: it renumbered from 1).
-
-        A subscriber that may lack some of them gets `resync` and continues after `seq`.
-        """
+        """Messages of `topic` up to `seq` were lost (0: renumbered): `resync` who may lack some."""
         last = conn.last_seq.get(topic, 0)
         if last < seq or (seq == 0 and last > 0):
-            conn.last_seq[topic] = seq
-            self.stats.resyncs += 1
-            self.hub.send_control(conn, {"type": "resync", "topic": topic, "seq": seq})
+            self._tell_resync(conn, topic, seq)
+
+    def _tell_resync(self, conn: Connection, topic: str, seq: int) -> None:  # its new position
+        conn.last_seq[topic] = seq
+        self.stats.resyncs += 1
+        self.hub.send_control(conn, {"type": "resync", "topic": topic, "seq": seq})
 
     def positions(self, conn: Connection) -> dict[str, int]:
         """Where each topic `conn` reads stands, where the backplane knows it at once."""
@@ -270,9 +269,7 @@ class Fanout:
                 if recovering:
                     self.stats.recovered += len(replay.items)
                 if replay.resync:
-                    self.stats.resyncs += 1
-                    conn.last_seq[topic] = replay.last
-                    hub.send_control(conn, {"type": "resync", "topic": topic, "seq": replay.last})
+                    self._tell_resync(conn, topic, replay.last)
         finally:
             if not outer:
                 pending, conn.pending = conn.pending, None

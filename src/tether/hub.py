@@ -105,7 +105,6 @@ class Hub:
         self.deliver = self.fanout.deliver
         self.resume = self.fanout.resume
         self.seen = self.inbound.seen
-        self.pong = self.inbound.pong
         self.pong_id = self.inbound.pong_id
         self.client_ping = self.inbound.client_ping
         self.count_frames = self.inbound.count_frames

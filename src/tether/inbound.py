@@ -21,7 +21,6 @@ import orjson
 from tether import codes, frames
 from tether.clock import iso
 from tether.errors import PublishError
-from tether.heartbeat import decode_ping_id
 from tether.limits import TokenBucket
 from tether.logs import get_logger
 from tether.message import check_topic
@@ -131,10 +130,6 @@ class Inbound:
         beat, heartbeat = conn.beat, self.hub.heartbeat
         if beat is not None and heartbeat is not None:
             heartbeat.seen(beat, self.hub.clock.now())
-
-    def pong(self, conn: Connection, payload: bytes | bytearray) -> float | None:
-        """A pong frame: proof of life, and the RTT when it answers our last ping."""
-        return self.pong_id(conn, decode_ping_id(payload))
 
     def pong_id(self, conn: Connection, ping_id: int | None) -> float | None:
         """A pong whose payload was already read as a ping id (None: not one of ours).

@@ -46,6 +46,12 @@ SHUTTING_DOWN = {
 HTTP_STATUS = {Refusal.INVALID: 400, Refusal.TOO_LARGE: 413, Refusal.KEY_REUSED: 422}
 
 
+def _retry_later(answer: dict[str, Any]) -> web.Response:
+    """A 503 that says when to try again (with the same Idempotency-Key)."""
+    return web.Response(body=orjson.dumps(answer), status=503,
+                        content_type="application/json", headers={"Retry-After": "1"})
+
+
 def _refused(exc: PublishError) -> web.Response:
     return _error(HTTP_STATUS.get(exc.refusal, 400), exc.message)
 
@@ -292,15 +298,13 @@ class Routes:
         except PublishError as exc:
             return _refused(exc)
         except ShuttingDown:
-            return web.Response(body=orjson.dumps(SHUTTING_DOWN), status=503,
-                                content_type="application/json", headers={"Retry-After": "1"})
+            return _retry_later(SHUTTING_DOWN)
         except BackplaneError as exc:  # Redis away or failed mid-call (SPEC §8)
             # The backplane's error texts are redacted; the body names none of it.
             log.warn("Publish failed, backplane unavailable", error=str(exc),
                      outcome="unknown" if exc.outcome_unknown else "not published",
                      key=key is not None)
-            return web.Response(body=orjson.dumps(UNAVAILABLE), status=503,
-                                content_type="application/json", headers={"Retry-After": "1"})
+            return _retry_later(UNAVAILABLE)
         reply: dict[str, Any] = {"accepted": True, "topic": message.topic, "seq": message.seq}
         if message.duplicate:
             reply["duplicate"] = True

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from tether import codes, frames
 from tether.heartbeat import decode_ping_id
-from tether.wire import BINARY, CLOSE, PING, PONG, TEXT, Event, FrameReader, lone_pong
+from tether.wire import BINARY, CLOSE, PING, PONG, TEXT, Event, FrameReader
 
 if TYPE_CHECKING:
     from tether.hub import Hub
@@ -116,11 +116,10 @@ class ClientStream(asyncio.Protocol):
         if not conn.reading:
             return  # closed for flooding, or broke the protocol: nothing more is parsed
         reader, hub = self._reader, self._hub
-        if reader.at_boundary:
-            ping_id = lone_pong(data)
-            if ping_id is not None:  # the common case: one heartbeat answer, nothing else
-                hub.pong_id(conn, ping_id)
-                return
+        ping_id = reader.lone_pong(data)
+        if ping_id is not None:  # the common case: one heartbeat answer, nothing else
+            hub.pong_id(conn, ping_id)
+            return
         events = reader.feed(data)
         if reader.frames:
             count, reader.frames = reader.frames, 0

@@ -48,18 +48,6 @@ def unmask(payload: bytes | bytearray | memoryview, key: bytes) -> bytes:
     return (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
 
 
-def lone_pong(data: bytes) -> int | None:
-    """When `data` is exactly one masked pong with an 8-byte payload, that payload as an int.
-
-    This is what a heartbeat round brings back from each client (tether's pings
-    carry 8 bytes), so the caller tries it before `feed` when the reader is
-    between frames: a pong then costs two integer operations.
-    """
-    if len(data) == 14 and data[0] == 0x8A and data[1] == 0x88:
-        return int.from_bytes(data[6:14], "big") ^ int.from_bytes(data[2:6] * 2, "big")
-    return None
-
-
 class FrameReader:
     """One client's inbound frames, reassembled into messages and checked (see the module)."""
 
@@ -80,8 +68,20 @@ class FrameReader:
 
     @property
     def at_boundary(self) -> bool:
-        """No frame is half-read: the next byte starts a frame (see `lone_pong`)."""
+        """No frame is half-read: the next byte starts a frame."""
         return not self._buf
+
+    def lone_pong(self, data: bytes) -> int | None:
+        """When `data` is exactly one masked pong with an 8-byte payload, that payload as an int.
+
+        This is what a heartbeat round brings back from each client (tether's pings
+        carry 8 bytes), so the caller tries it before `feed`: a pong then costs one
+        call and two integer operations. Inside a frame under way the same bytes are
+        data, so it answers only at a frame boundary.
+        """
+        if len(data) == 14 and data[0] == 0x8A and data[1] == 0x88 and not self._buf:
+            return int.from_bytes(data[6:14], "big") ^ int.from_bytes(data[2:6] * 2, "big")
+        return None
 
     def feed(self, data: bytes) -> list[Event]:
         """The events `data` completes; after a failure or a close, nothing more is read."""

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 import aiohttp
 
+from tether import codes
 from tether.client.events import (
     MessageCallback,
     RttCallback,
@@ -38,7 +39,7 @@ from tether.client.events import (
     call,
 )
 from tether.client.inbox import Inbox
-from tether.client.logic import FORBIDDEN, JSON, TOKEN_EXPIRED, Backoff, SeqTracker, overslept
+from tether.client.logic import JSON, Backoff, SeqTracker, overslept
 from tether.client.publishing import publish
 from tether.client.session import Session, Token, Tokens
 from tether.client.urls import http_url, split_url
@@ -47,6 +48,10 @@ from tether.logs import get_logger
 from tether.tools import ATTEMPTS
 
 log = get_logger("client")
+
+# The server's "your token" closes (codes.py): forbidden never does again, expired
+# does only with a way to fetch a fresh token.
+FORBIDDEN, TOKEN_EXPIRED = codes.FORBIDDEN[0], codes.TOKEN_EXPIRED[0]
 
 __all__ = ["Client", "State", "StateChange", "Token"]
 

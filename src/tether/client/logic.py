@@ -240,10 +240,6 @@ def classify(msg: Mapping[str, Any]) -> Kind:
     return Kind.CONTROL
 
 
-# Close codes of the server that say "your token": expired (fetch a fresh one and
-# reconnect), and forbidden (the same token will never do). tether.codes names them.
-TOKEN_EXPIRED = 4001
-FORBIDDEN = 4003
 
 
 def refresh_delay(expires_in: float, margin: float = 30.0) -> float:
