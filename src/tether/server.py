@@ -27,7 +27,8 @@ from tether.idempotency import check_key
 from tether.logs import get_logger
 from tether.message import BROADCAST_TOPIC, check_integers
 from tether.proxies import client_address
-from tether.stream import AiohttpPeer, ClientStream, serve
+from tether.registry import Connection
+from tether.stream import ClientStream, SocketPeer
 
 log = get_logger("server")
 HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
@@ -196,15 +197,17 @@ class Routes:
         transport = request.transport
         if transport is None or transport.is_closing():
             return ws
-        peer = AiohttpPeer(ws, transport)
-        conn = hub.open(peer, remote, topics, token=token)
-        stream = ClientStream(transport.get_protocol(), transport, hub, conn,
-                              self.settings.max_message)
-        transport.set_protocol(stream)
         epoch = request.query.get("epoch")
-        if epoch:
-            conn.claimed_epoch = epoch[:64]  # the life of the history `?since=` comes from
-        await serve(hub, conn, stream, peer, since)
+
+        def opener(peer: SocketPeer) -> Connection:
+            conn = hub.open(peer, remote, topics, token=token)
+            if epoch:
+                conn.claimed_epoch = epoch[:64]  # the life of the history `?since=` comes from
+            return conn
+
+        # The socket becomes tether's; on plain TCP this returns at once and
+        # aiohttp lets go of the request (stream.py).
+        await ClientStream(hub, self.settings.max_message, opener, since).take_over(transport)
         return ws
 
     def publisher(self, request: web.Request) -> Grant | None:

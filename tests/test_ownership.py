@@ -1,0 +1,134 @@
+"""After the upgrade the socket is tether's: aiohttp lets go, and an idle client holds no task.
+
+stream.py hands the upgraded socket to a transport of tether's own, so aiohttp's
+request, `WebSocketResponse` and handler task are freed; a client's task runs
+only while it has messages to be handled. These tests count the objects that
+would remain (gc, asyncio.all_tasks, /proc/self/fd), over real sockets, and
+check that the hand-over loses no byte the client sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import os
+
+import orjson
+from aiohttp import web
+
+from tests.aio import eventually
+from tests.conftest import StartTether
+from tests.support import open_fds
+from tests.wsraw import encode, read_frame_async
+from tether.app import Tether
+
+CLIENTS = 40
+
+
+class Raw:
+    """A raw WebSocket client on asyncio streams (no aiohttp objects, no tasks)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int, query: str = "", first: bytes = b"") -> Raw:
+        """Upgrade, then (at once, on reading the `101`) send `first`."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /ws{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        if first:
+            writer.write(first)
+        return cls(reader, writer)
+
+    async def json(self) -> dict[str, object]:
+        while True:
+            frame = await asyncio.wait_for(read_frame_async(self.reader.readexactly), 5)
+            if frame.opcode == 0x1:
+                return dict(orjson.loads(frame.payload))
+
+    def send(self, obj: object) -> None:
+        self.writer.write(encode(0x1, orjson.dumps(obj)))
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+def _aiohttp_objects() -> int:
+    gc.collect()
+    return sum(isinstance(o, web.BaseRequest | web.WebSocketResponse) for o in gc.get_objects())
+
+
+async def _settled(t: Tether, clients: int) -> None:
+    assert await eventually(lambda: len(t.hub.registry) == clients)
+    for _ in range(5):  # aiohttp's handlers return on the next passes of the loop
+        await asyncio.sleep(0.01)
+
+
+async def test_an_idle_client_keeps_no_aiohttp_object_and_no_task(
+        start_tether: StartTether) -> None:
+    t = await start_tether()
+    await _settled(t, 0)
+    objects, tasks = _aiohttp_objects(), len(asyncio.all_tasks())
+    clients = [await Raw.connect(t.port, "?topics=news") for _ in range(CLIENTS)]
+    for c in clients:
+        assert (await c.json())["type"] == "connected"
+    await _settled(t, CLIENTS)
+    assert _aiohttp_objects() <= objects, "aiohttp's request or WebSocketResponse is kept"
+    assert len(asyncio.all_tasks()) <= tasks, "an idle client holds a task"
+
+    # The connections work: a broadcast reaches each, and each one's message is
+    # answered by a task that ends once it is handled.
+    await t.publish({"type": "tick", "topic": "news", "payload": 1})
+    for c in clients:
+        assert (await c.json())["type"] == "tick"
+    for i, c in enumerate(clients):
+        c.send({"type": "subscribe", "topics": [f"t{i}"]})
+    for c in clients:
+        reply = await c.json()
+        assert reply["type"] == "subscribed", reply
+    await _settled(t, CLIENTS)
+    assert len(asyncio.all_tasks()) <= tasks, "a task outlived the message it handled"
+    for c in clients:
+        c.close()
+    await _settled(t, 0)
+
+
+async def test_a_frame_sent_the_moment_the_101_arrives_is_read(start_tether: StartTether) -> None:
+    """The hand-over window: the client writes at once; nothing is read by aiohttp or lost."""
+    t = await start_tether()
+    first = encode(0x1, orjson.dumps({"type": "subscribe", "topics": ["early"]}))
+    for _ in range(100):
+        c = await Raw.connect(t.port, first=first)
+        types = [(await c.json())["type"], (await c.json())["type"]]
+        assert types == ["connected", "subscribed"], types
+        c.close()
+    await _settled(t, 0)
+
+
+async def test_no_descriptor_is_left_behind(start_tether: StartTether) -> None:
+    """Each hand-over duplicates the socket: every client that leaves, however, frees both."""
+    t = await start_tether()
+    await _settled(t, 0)
+    before = open_fds(os.getpid())
+    for round_ in range(5):
+        clients = [await Raw.connect(t.port) for _ in range(CLIENTS)]
+        for i, c in enumerate(clients):
+            if (i + round_) % 3 == 0:
+                c.close()  # reset, maybe before the greeting was read
+            elif (i + round_) % 3 == 1:
+                c.writer.write(encode(0x8, b"\x03\xe8"))  # a close handshake
+            else:
+                c.writer.close()  # FIN without a close frame
+        await _settled(t, 0)
+        for c in clients:  # the handshakes' sockets: closed by the server, now by the client
+            await asyncio.wait_for(c.reader.read(), 5)
+            c.writer.close()
+    assert await eventually(lambda: open_fds(os.getpid()) <= before), \
+        f"{open_fds(os.getpid()) - before} descriptors leaked"
