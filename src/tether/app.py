@@ -26,6 +26,7 @@ from tether.logs import get_logger
 from tether.redact import redact_text, url_secrets
 from tether.registry import Connection
 from tether.server import build_app
+from tether.workerviews import WorkerViews
 
 log = get_logger("main")
 
@@ -59,7 +60,8 @@ class Tether:
         self.backplane = backplane or make_backplane(self.settings, clock)
         self.hub = Hub(self.settings, self.backplane, clock, greet=greet)
         self.lifecycle = Lifecycle()
-        self.app: web.Application = build_app(self.hub, self.settings)
+        self.app: web.Application = build_app(self.hub, self.settings,
+                                              WorkerViews.from_env(self.hub))
         self.ssl_context: ssl.SSLContext | None = None
         if self.settings.tls_cert is not None and self.settings.tls_key is not None:
             from tether.tls import server_context

@@ -7,7 +7,7 @@ Prometheus scrapes, with the official client library's exposition format.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -29,19 +29,27 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class HubCollector:
     """A Prometheus collector over one hub."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, worker: str | None = None) -> None:
         self.hub = hub
+        # Under `--workers N`, every sample carries its worker's index (workerviews.py).
+        self.label = ["worker"] if worker is not None else []
+        self.value = [worker] if worker is not None else []
 
     def collect(self) -> Iterator[Metric]:
         hub = self.hub
         s = hub.stats
         hb = hub.heartbeat
+        label, value_of = self.label, self.value
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(f"tether_{name}", doc, value=value)
+            family = CounterMetricFamily(f"tether_{name}", doc, labels=label)
+            family.add_metric(value_of, value)
+            return family
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            return GaugeMetricFamily(f"tether_{name}", doc, value=value)
+            family = GaugeMetricFamily(f"tether_{name}", doc, labels=label)
+            family.add_metric(value_of, value)
+            return family
 
         yield gauge("connections", "WebSocket clients connected now", len(hub.registry))
         yield counter("connections_opened", "WebSocket clients accepted", s.connections_total)
@@ -55,8 +63,8 @@ class HubCollector:
         buckets = [(str(le), c) for le, c in zip(
             RTT_BUCKETS, accumulate(s.rtt_counts), strict=False)]
         buckets.append(("+Inf", sum(s.rtt_counts)))
-        rtt = HistogramMetricFamily("tether_rtt_seconds", "Ping round-trip time",
-                                    buckets=buckets, sum_value=s.rtt_sum)
+        rtt = HistogramMetricFamily("tether_rtt_seconds", "Ping round-trip time", labels=label)
+        rtt.add_metric(value_of, buckets, s.rtt_sum)
         yield rtt
         yield gauge("loop_lag_seconds", "Event-loop lag, last measurement", s.loop_lag)
         yield gauge("loop_lag_max_seconds", "Largest event-loop lag seen", s.loop_lag_max)
@@ -67,14 +75,14 @@ class HubCollector:
             ("messages_deferred", "Messages held back for paused clients (sent once they drain)",
              s.deferred),
         ):
-            family = CounterMetricFamily(f"tether_{name}", doc, labels=["priority"])
+            family = CounterMetricFamily(f"tether_{name}", doc, labels=["priority", *label])
             for p in Priority:
-                family.add_metric([p.name.lower()], values[p])
+                family.add_metric([p.name.lower(), *value_of], values[p])
             yield family
         closes = CounterMetricFamily("tether_disconnects", "Connections ended, by close code",
-                                     labels=["code"])
+                                     labels=["code", *label])
         for code, n in sorted(s.disconnects.items()):
-            closes.add_metric([str(code)], n)
+            closes.add_metric([str(code), *value_of], n)
         yield closes
         paused = sum(1 for c in hub.registry if c.paused)
         yield gauge("paused_clients", "Clients above the backpressure mark", paused)
@@ -93,13 +101,65 @@ class HubCollector:
                       s.recovered)
         state = hub.backplane.state()
         up = GaugeMetricFamily("tether_backplane_up", "1 when the backplane is reachable",
-                               labels=["backplane"])
-        up.add_metric([str(state.get("name"))], 1.0 if state.get("status") == "up" else 0.0)
+                               labels=["backplane", *label])
+        up.add_metric([str(state.get("name")), *value_of],
+                      1.0 if state.get("status") == "up" else 0.0)
         yield up
 
 
-def render(hub: Hub) -> bytes:
-    """The metrics page for `hub`."""
+class Made:
+    """A collector of families made already."""
+
+    def __init__(self, *families: Metric) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+def page(collector: HubCollector | Made) -> bytes:
+    """The text format of what `collector` collects."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(HubCollector(hub))
+    registry.register(collector)
     return generate_latest(registry)
+
+
+def render(hub: Hub, worker: str | None = None) -> bytes:
+    """The metrics page for `hub` (each sample labelled `worker` when one is given)."""
+    return page(HubCollector(hub, worker))
+
+
+def workers_up(answered: dict[str, bool]) -> bytes:
+    """The page of `tether_worker_up`: 1 for each worker that answered this scrape."""
+    family = GaugeMetricFamily("tether_worker_up",
+                               "1 when the worker answered this scrape in time", labels=["worker"])
+    for worker, up in answered.items():
+        family.add_metric([worker], 1.0 if up else 0.0)
+    return page(Made(family))
+
+
+def merge(pages: Iterable[bytes]) -> bytes:
+    """Pages of the text format as one: each family's HELP and TYPE once, then its samples.
+
+    The format wants every line of a family in one group, so pages cannot just
+    be joined. Each page is `generate_latest`'s: per family a `# HELP`, a
+    `# TYPE`, then its samples; a family seen on an earlier page keeps its
+    place and gains the later pages' samples.
+    """
+    families: dict[bytes, list[bytes]] = {}
+    lines: list[bytes] = []
+    fresh = False
+    for page in pages:
+        for line in page.splitlines(keepends=True):
+            if line.startswith(b"# HELP "):
+                name = line.split(b" ", 3)[2]
+                fresh = name not in families
+                lines = families.setdefault(name, [])
+                if fresh:
+                    lines.append(line)
+            elif line.startswith(b"# TYPE "):
+                if fresh:
+                    lines.append(line)
+            else:
+                lines.append(line)
+    return b"".join(b"".join(lines) for lines in families.values())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -29,6 +29,9 @@ from tether.message import BROADCAST_TOPIC, check_integers
 from tether.proxies import client_address
 from tether.registry import Connection
 from tether.stream import ClientStream, SocketPeer
+
+if TYPE_CHECKING:
+    from tether.workerviews import WorkerViews
 
 log = get_logger("server")
 HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
@@ -149,9 +152,10 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
 class Routes:
     """Request handlers, bound to one hub."""
 
-    def __init__(self, hub: Hub, settings: Settings) -> None:
+    def __init__(self, hub: Hub, settings: Settings, views: WorkerViews | None = None) -> None:
         self.hub = hub
         self.settings = settings
+        self.views = views  # `--workers N`: the operator views gathered from every worker
 
     def remote(self, request: web.Request) -> str | None:
         """The client's address: the peer's, or X-Forwarded-For's behind a trusted proxy."""
@@ -316,21 +320,24 @@ class Routes:
     async def health(self, request: web.Request) -> web.Response:
         # A load balancer gets status, uptime and clients without a token; the rest
         # (counters, backplane) is an operator view.
+        views = self.views
         if self.admin(request) is not None:
-            return _json(self.hub.minimal_health())
-        return _json(self.hub.health())
+            return _json(await views.minimal_health() if views else self.hub.minimal_health())
+        return _json(await views.health() if views else self.hub.health())
 
     async def metrics(self, request: web.Request) -> web.Response:
         refused = self.admin(request)
         if refused is not None:
             return refused
-        return web.Response(body=metrics.render(self.hub),
-                            headers={"Content-Type": metrics.CONTENT_TYPE})
+        page = await self.views.metrics() if self.views else metrics.render(self.hub)
+        return web.Response(body=page, headers={"Content-Type": metrics.CONTENT_TYPE})
 
     async def connections(self, request: web.Request) -> web.Response:
         refused = self.admin(request)
         if refused is not None:
             return refused
+        if self.views is not None:
+            return _json(await self.views.connections())
         conns = self.hub.connections()
         return _json({"count": len(conns), "connections": conns})
 
@@ -347,11 +354,14 @@ class Routes:
         )
 
 
-def build_app(hub: Hub, settings: Settings) -> web.Application:
+def build_app(hub: Hub, settings: Settings, views: WorkerViews | None = None) -> web.Application:
     """The aiohttp application: every route of SPEC §9 on one port."""
     app = web.Application(client_max_size=settings.max_message + 1024)
     app[HUB] = hub
-    routes = Routes(hub, settings)
+    routes = Routes(hub, settings, views)
+    if views is not None:  # a worker's own views, served to its siblings while it runs
+        app.on_startup.append(views.start)
+        app.on_cleanup.append(views.stop)
     app.router.add_get("/", routes.index)
     app.router.add_get("/tether.js", routes.client_js)
     app.router.add_get("/ws", routes.websocket)

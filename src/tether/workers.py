@@ -6,6 +6,10 @@ them. The parent holds no connections: it starts the workers, waits until each
 is listening (a byte on a pipe, written by `ready()`), restarts one that dies,
 and on SIGINT/SIGTERM forwards the signal once to each and waits for them.
 
+The parent also makes a private directory (0700) for the workers' unix
+sockets, on which each serves its own operator views to its siblings
+(`workerviews.py`), and removes it when they are gone.
+
 Workers run in their own process group, so a Ctrl+C in a terminal reaches the
 parent only and each worker gets exactly one signal (a second one would force
 its exit 1).
@@ -16,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 
 from tether.config import Settings
@@ -31,6 +37,7 @@ log = get_logger("workers")
 WORKER_ENV = "TETHER_WORKER"  # set in each worker: its index
 READY_FD_ENV = "TETHER_READY_FD"  # the pipe a worker writes to once it listens
 PARENT_ENV = "TETHER_SUPERVISOR_PID"  # the supervisor's pid, as it set it
+DIR_ENV = "TETHER_WORKER_DIR"  # the private directory of the workers' view sockets
 START_TIMEOUT = 30.0
 RESTART_DELAY = 1.0
 PARENT_POLL = 0.5  # seconds between checks that the parent lives
@@ -158,6 +165,8 @@ class Supervisor:
             error = ListenError.of(self.settings.host, port, exc)
             log.error("Cannot listen", host=error.host, port=error.port, error=error.reason)
             return 2
+        directory = tempfile.mkdtemp(prefix="tether-workers-")  # 0700, this user's
+        self.env[DIR_ENV] = directory
         try:
             port = int(self._reserved.getsockname()[1])
             self.env["PORT"] = str(port)
@@ -179,6 +188,7 @@ class Supervisor:
         finally:
             if self._reserved is not None:
                 self._reserved.close()
+            shutil.rmtree(directory, ignore_errors=True)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.stopping is not None:
