@@ -229,19 +229,26 @@ def measure_workers_scale(cfg: Config) -> dict[str, Any]:
         rss = [rss_bytes(p) / 1e6 for p in (*pids, sup.pid, redis_pid(redis))]
 
         latencies: list[float] = []
+        firsts: list[float] = []
         delivered: list[int] = []
-        gen_cpu = [0.0] * gens_n  # each generator's CPU seconds while broadcasts were in flight
+        busy = [0.0] * len(procs)  # CPU seconds of each process while broadcasts were in flight
         for i in range(cfg.scale_broadcasts):
             for gen, want in zip(gens, ok, strict=True):
                 gen.request("expect", "armed", total=want, idle=2.0, timeout=30)
-            g0 = [g.cpu() for g in gens]
+            b0 = [cpu_seconds(p) for p in procs]
             sent = publish(port, token, i)
             got = [gen.wait_event("received", 60) for gen in gens]
+            b1 = [cpu_seconds(p) for p in procs]
+            busy = [t + b - a for t, a, b in zip(busy, b0, b1, strict=True)]
             last = max(float(r["last"]) for r in got)
             latencies.append((last - sent) * 1000)
+            first = min((float(r["first"]) for r in got if int(r["count"])), default=sent)
+            firsts.append((first - sent) * 1000)
             delivered.append(sum(int(r["count"]) for r in got))
-            gen_cpu = [t + g.cpu() - c for t, g, c in zip(gen_cpu, gens, g0, strict=True)]
             time.sleep(0.5)
+        # Share of a core each process was busy from publish to last delivery, over all
+        # broadcasts together (/proc counts in 10 ms ticks: one broadcast is too short).
+        share = [c * 1000 / max(1.0, sum(latencies)) for c in busy]
         end = held(pids, port)
         rss_after = sum(rss_bytes(p) for p in (*pids, sup.pid)) / 1e6
         restarted = [started(pid) != s for pid, s in zip(pids, starts, strict=True)]
@@ -249,7 +256,7 @@ def measure_workers_scale(cfg: Config) -> dict[str, Any]:
         "workers": [
             {"pid": pid, "clients": count[i], "clients_end": end[i],
              "heartbeat_cpu_pct": pct[i], "rss_mb": rss[i], "event_loop": loop,
-             "restarted": restarted[i]}
+             "restarted": restarted[i], "busy_in_broadcasts": share[i]}
             for i, (pid, loop) in enumerate(zip(pids, [event_loop(p) for p in pids],
                                                 strict=True))
         ],
@@ -271,11 +278,11 @@ def measure_workers_scale(cfg: Config) -> dict[str, Any]:
         "redis_rss_mb": rss[n + 1],
         "loadgens": parts,
         "loadgen_cpu_pct": pct[n + 2 :],
-        # Share of a core each generator was busy from publish to last delivery, over all
-        # broadcasts together (/proc counts in 10 ms ticks: one broadcast is too short).
-        "loadgen_busy_in_broadcasts": [c * 1000 / max(1.0, sum(latencies)) for c in gen_cpu],
+        "loadgen_busy_in_broadcasts": share[n + 2 :],
+        "redis_busy_in_broadcasts": share[n + 1],
         "broadcast_latency_ms": latencies,
         "broadcast_latency_median_ms": statistics.median(latencies) if latencies else 0.0,
+        "broadcast_first_ms": firsts,  # publish → the first delivery anywhere
         "delivered": delivered,
     }
 
@@ -326,34 +333,35 @@ def render(s: dict[str, Any]) -> str:
         f"Redis (I = {s['interval_s']:g}s; asked {s['clients_asked']:,}, connected in "
         f"{s['connect_s']:.0f}s, load generators {', '.join(f'{p:,}' for p in s['loadgens'])})",
         "",
-        "| worker | clients held | heartbeat CPU, % of a core | RSS | loop |",
-        "|---|---|---|---|---|",
+        "| worker | clients held | heartbeat CPU, % of a core | RSS | loop | busy in broadcasts |",
+        "|---|---|---|---|---|---|",
     ]
     for i, w in enumerate(s["workers"]):
         end = "" if w["clients_end"] == w["clients"] else f" ({w['clients_end']:,} at the end)"
         restart = " (restarted!)" if w["restarted"] else ""
         lines.append(f"| {i} (pid {w['pid']}){restart} | {w['clients']:,}{end} | "
                      f"{w['heartbeat_cpu_pct']:.2f} % | {w['rss_mb']:.0f} MB | "
-                     f"{w['event_loop']} |")
+                     f"{w['event_loop']} | {100 * w['busy_in_broadcasts']:.0f} % |")
     lines.append(f"| all workers | {s['clients']:,} | "
                  f"{sum(w['heartbeat_cpu_pct'] for w in s['workers']):.2f} % | "
-                 f"{s['workers_rss_mb']:.0f} MB | |")
+                 f"{s['workers_rss_mb']:.0f} MB | | |")
     lines.append(f"| supervisor | | {s['supervisor_cpu_pct']:.2f} % | "
-                 f"{s['supervisor_rss_mb']:.0f} MB | |")
+                 f"{s['supervisor_rss_mb']:.0f} MB | | |")
     lines.append(f"| in all | | | {s['rss_total_mb']:.0f} MB "
-                 f"({s['rss_total_after_broadcasts_mb']:.0f} MB after the broadcasts) | |")
+                 f"({s['rss_total_after_broadcasts_mb']:.0f} MB after the broadcasts) | | |")
     lines += [
         "",
         f"window {s['window_s']:.0f}s; redis-server {s['redis_cpu_pct']:.2f} % of a core, "
         f"{s['redis_rss_mb']:.0f} MB; load generators "
         + ", ".join(f"{p:.2f} %" for p in s["loadgen_cpu_pct"]),
-        "broadcasts (POST /event → last delivery): "
-        + ", ".join(f"{x:.0f} ms" for x in s["broadcast_latency_ms"])
-        + f"; median {s['broadcast_latency_median_ms']:.0f} ms; delivered "
-        + ", ".join(f"{d:,}" for d in s["delivered"])
-        + "; load generators busy "
+        "broadcasts, POST /event → last delivery: "
+        + ", ".join(f"{x:.0f}" for x in s["broadcast_latency_ms"])
+        + f" ms (median {s['broadcast_latency_median_ms']:.0f} ms); → first delivery: "
+        + ", ".join(f"{x:.0f}" for x in s["broadcast_first_ms"]) + " ms",
+        "delivered " + ", ".join(f"{d:,}" for d in s["delivered"])
+        + "; busy from publish to last delivery, share of a core: load generators "
         + ", ".join(f"{100 * b:.0f} %" for b in s["loadgen_busy_in_broadcasts"])
-        + " of a core meanwhile",
+        + f", redis-server {100 * s['redis_busy_in_broadcasts']:.0f} %",
         "",
         *verdicts(s),
     ]
