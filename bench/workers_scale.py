@@ -115,11 +115,12 @@ def held(pids: list[int], port: int) -> list[int]:
 
 
 def event_loop(pid: int) -> str:
-    """uvloop when its extension is mapped into `pid`, else asyncio (its own loop)."""
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as f:
-        if "/uvloop/loop." in f.read():
-            return "uvloop"
-    return "asyncio"
+    """uvloop when its extension is mapped into `pid`, else asyncio (its own loop); ? if gone."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "uvloop" if "/uvloop/loop." in f.read() else "asyncio"
+    except OSError:
+        return "?"
 
 
 def wait_workers(sup: Child, n: int, timeout: float) -> tuple[list[int], int]:
@@ -252,13 +253,13 @@ def measure_workers_scale(cfg: Config) -> dict[str, Any]:
         end = held(pids, port)
         rss_after = sum(rss_bytes(p) for p in (*pids, sup.pid)) / 1e6
         restarted = [started(pid) != s for pid, s in zip(pids, starts, strict=True)]
+        loops = [event_loop(pid) for pid in pids]
     return {
         "workers": [
             {"pid": pid, "clients": count[i], "clients_end": end[i],
              "heartbeat_cpu_pct": pct[i], "rss_mb": rss[i], "event_loop": loop,
              "restarted": restarted[i], "busy_in_broadcasts": share[i]}
-            for i, (pid, loop) in enumerate(zip(pids, [event_loop(p) for p in pids],
-                                                strict=True))
+            for i, (pid, loop) in enumerate(zip(pids, loops, strict=True))
         ],
         "supervisor_pid": sup.pid,
         "redis_pid": procs[n + 1],

@@ -71,11 +71,15 @@ async def test_run_bench_in_process(start_tether: StartTether) -> None:
 
 def test_tether_runs_on_both_loops() -> None:
     from bench.measure import server
+    from bench.workers_scale import event_loop
 
     with server("tether", 1.0, 2) as plain, server("tether-uvloop", 1.0, 2) as fast:
         loops = [next(x["loop"] for x in s.log if x.get("ev") == "ready") for s in (plain, fast)]
+        mapped = [event_loop(plain.pid), event_loop(fast.pid)]
     assert loops[0].startswith("asyncio.")
     assert loops[1].startswith("uvloop.")
+    assert mapped == ["asyncio", "uvloop"]  # how the workers scale run tells a worker's loop
+    assert event_loop(fast.pid) == "?"  # stopped
 
 
 def test_workers_scale_run(tmp_path: Path) -> None:
@@ -99,6 +103,7 @@ def test_workers_scale_run(tmp_path: Path) -> None:
     assert s["clients"] == sum(w["clients"] for w in workers) == 40
     assert [w["clients_end"] for w in workers] == [w["clients"] for w in workers]
     assert not any(w["restarted"] for w in workers)
+    assert {w["event_loop"] for w in workers} <= {"asyncio", "uvloop"}  # read while they ran
     assert all(w["rss_mb"] > 10 and math.isfinite(w["heartbeat_cpu_pct"]) for w in workers)
     assert s["rss_total_mb"] == pytest.approx(s["workers_rss_mb"] + s["supervisor_rss_mb"])
     assert s["delivered"] == [40] * 5  # every broadcast reached every client over both workers
