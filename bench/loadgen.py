@@ -17,6 +17,7 @@ import asyncio
 import json
 import sys
 import time
+from typing import Any
 
 import uvloop
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
@@ -66,8 +67,12 @@ class Client(WSListener):
         STATE.open -= 1
 
 
-async def connect(url: str, n: int, concurrency: int, keep: list[WSTransport]) -> None:
+async def connect(url: str, n: int, concurrency: int, keep: list[WSTransport],
+                  source: str | None = None) -> None:
     t0 = time.monotonic()
+    # One source address gives ~28,000 ephemeral ports (ip_local_port_range); load
+    # generators bound to distinct loopback addresses (127.0.0.2, ...) go past it together.
+    extra: dict[str, Any] = {"local_addr": (source, 0)} if source else {}
     sem = asyncio.Semaphore(concurrency)
     failed = 0
     errors: list[str] = []
@@ -77,7 +82,8 @@ async def connect(url: str, n: int, concurrency: int, keep: list[WSTransport]) -
         async with sem:
             for attempt in range(3):
                 try:
-                    transport, _ = await ws_connect(Client, url, websocket_handshake_timeout=30)
+                    transport, _ = await ws_connect(Client, url, websocket_handshake_timeout=30,
+                                                    **extra)
                     keep.append(transport)
                     return
                 except Exception as exc:  # counted and reported, never fatal
@@ -111,6 +117,7 @@ async def expect(total: int, idle: float, timeout: float) -> None:
 async def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--url", required=True)
+    p.add_argument("--source", help="local address to connect from (e.g. 127.0.0.2)")
     args = p.parse_args()
     raise_nofile()
     keep: list[WSTransport] = []
@@ -127,7 +134,8 @@ async def main() -> None:
         name = cmd["cmd"]
         if name == "connect":
             task = asyncio.ensure_future(
-                connect(args.url, int(cmd["n"]), int(cmd.get("concurrency", 100)), keep))
+                connect(args.url, int(cmd["n"]), int(cmd.get("concurrency", 100)), keep,
+                        args.source))
         elif name == "expect":
             task = asyncio.ensure_future(
                 expect(int(cmd["total"]), float(cmd.get("idle", 2.0)),

@@ -22,9 +22,12 @@ from typing import Any
 
 from bench.proc import ROOT, Child
 
-SERVERS = ("websockets", "aiohttp", "picows", "tether")  # the default list
+# The default list. `tether` runs on asyncio's own loop and `tether-uvloop` on uvloop,
+# side by side in one run, so both are read as ratios to the same websockets run.
+SERVERS = ("websockets", "aiohttp", "picows", "tether", "tether-uvloop")
 OPTIONAL_SERVERS = ("bun", "floor")  # reference servers run only when asked for by name
 KNOWN_SERVERS = SERVERS + OPTIONAL_SERVERS
+TETHERS = ("tether", "tether-uvloop")
 
 BUN_DIR = ROOT / "bench" / "bun"
 BUN_SCRIPT = ROOT / "bench" / "servers" / "bun_server.ts"
@@ -54,13 +57,19 @@ class Config:
     scale_window: float = 60.0
     scale_broadcasts: int = 5
     scale_servers: tuple[str, ...] = ("tether",)
-    tether_uvloop: bool = False
+    # The scale run over `tether serve --workers N` on one Redis (bench/workers_scale.py).
+    workers_scale: bool = True
+    workers_scale_workers: int = 2
+    workers_scale_clients: int = 38_000
+    workers_scale_window: float = 60.0
+    workers_scale_loadgens: int = 2  # 20,000 open files each: at least clients / 19,900
+    tether_uvloop: bool = False  # --profile only: profile tether on uvloop
     quick: bool = False
 
     @classmethod
     def make_quick(cls) -> Config:
         return cls(runs=1, idle=500, rounds=1, c_clients=200, c_messages=200, d_clients=20,
-                   scale=False, quick=True)
+                   scale=False, workers_scale=False, quick=True)
 
 
 def bun_binary() -> str | None:
@@ -91,8 +100,9 @@ def server(name: str, interval: float, missed: int, uvloop: bool = False) -> Ite
             raise RuntimeError("bun is not installed for the bench: npm install --prefix bench/bun")
         args = ["-c", EXEC_BUN, binary, str(BUN_SCRIPT), *opts]
     else:
-        args = ["-m", f"bench.servers.{name}_server", *opts]
-    if uvloop:
+        script = "tether" if name in TETHERS else name
+        args = ["-m", f"bench.servers.{script}_server", *opts]
+    if uvloop or name == "tether-uvloop":
         args.append("--uvloop")
     child = Child(args, name)
     try:
@@ -103,8 +113,11 @@ def server(name: str, interval: float, missed: int, uvloop: bool = False) -> Ite
 
 
 @contextmanager
-def loadgen(port: int, tag: str = "loadgen") -> Iterator[Child]:
-    child = Child(["-m", "bench.loadgen", "--url", f"ws://127.0.0.1:{port}/ws"], tag)
+def loadgen(port: int, tag: str = "loadgen", source: str | None = None) -> Iterator[Child]:
+    args = ["-m", "bench.loadgen", "--url", f"ws://127.0.0.1:{port}/ws"]
+    if source:
+        args += ["--source", source]
+    child = Child(args, tag)
     try:
         child.wait_event("ready", 30)
         yield child
@@ -163,7 +176,7 @@ def gc_seconds(srv: Child) -> float:
 def measure_ab(name: str, cfg: Config) -> dict[str, float]:
     """A: RSS delta per idle connection; B: server CPU per heartbeat round per 10k clients."""
     warm = 20
-    with server(name, cfg.interval, cfg.missed, cfg.tether_uvloop and name == "tether") as srv, \
+    with server(name, cfg.interval, cfg.missed) as srv, \
             loadgen(port_of(srv)) as gen:
         connect(gen, warm)  # first connections load code paths; not counted
         wait_count(srv, warm)
@@ -196,7 +209,7 @@ def measure_ab(name: str, cfg: Config) -> dict[str, float]:
 def measure_c(name: str, cfg: Config) -> dict[str, float]:
     """C: server CPU and rate for c_clients × c_messages ~100-byte deliveries."""
     # I = 30 s: the keepalive stays on but no heartbeat round falls in the window.
-    with server(name, 30.0, cfg.missed, cfg.tether_uvloop and name == "tether") as srv, \
+    with server(name, 30.0, cfg.missed) as srv, \
             loadgen(port_of(srv)) as gen:
         connect(gen, cfg.c_clients)
         n = wait_count(srv, cfg.c_clients)
@@ -224,7 +237,7 @@ def measure_c(name: str, cfg: Config) -> dict[str, float]:
 
 def _stale_times(srv: Child, name: str) -> list[float]:
     """Wall-clock instants at which the server closed a connection, from its own output."""
-    if name == "tether":
+    if name in TETHERS:
         return [
             datetime.fromisoformat(line["timestamp"]).timestamp()
             for line in srv.log
@@ -235,7 +248,7 @@ def _stale_times(srv: Child, name: str) -> list[float]:
 
 def measure_d(name: str, cfg: Config) -> dict[str, Any]:
     """D: SIGSTOP the client process; how long until the server closed each connection."""
-    with server(name, cfg.interval, cfg.missed, cfg.tether_uvloop and name == "tether") as srv, \
+    with server(name, cfg.interval, cfg.missed) as srv, \
             loadgen(port_of(srv)) as gen:
         connect(gen, cfg.d_clients)
         n = wait_count(srv, cfg.d_clients)
@@ -269,8 +282,7 @@ def measure_scale(cfg: Config, name: str = "tether") -> dict[str, Any]:
     """19,000 idle clients of `name`, I = 30 s: heartbeat CPU, and one broadcast's latency."""
     half = cfg.scale_clients // 2
     parts = (half, cfg.scale_clients - half)  # two generators: 20,000 open files each
-    uvloop = cfg.tether_uvloop and name == "tether"
-    with server(name, cfg.scale_interval, cfg.missed, uvloop) as srv, \
+    with server(name, cfg.scale_interval, cfg.missed) as srv, \
             loadgen(port_of(srv), "loadgen-1") as g1, loadgen(port_of(srv), "loadgen-2") as g2:
         t0 = time.monotonic()
         g1.send("connect", n=parts[0], concurrency=100)

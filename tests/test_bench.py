@@ -67,3 +67,48 @@ async def test_run_bench_in_process(start_tether: StartTether) -> None:
     assert render(result).row_count == 6
     assert percentiles([]) == {}
     assert percentiles([3.0, 1.0, 2.0])["p50"] == 2.0
+
+
+def test_tether_runs_on_both_loops() -> None:
+    from bench.measure import server
+    from bench.workers_scale import event_loop
+
+    with server("tether", 1.0, 2) as plain, server("tether-uvloop", 1.0, 2) as fast:
+        loops = [next(x["loop"] for x in s.log if x.get("ev") == "ready") for s in (plain, fast)]
+        mapped = [event_loop(plain.pid), event_loop(fast.pid)]
+    assert loops[0].startswith("asyncio.")
+    assert loops[1].startswith("uvloop.")
+    assert mapped == ["asyncio", "uvloop"]  # how the workers scale run tells a worker's loop
+    assert event_loop(fast.pid) == "?"  # stopped
+
+
+def test_workers_scale_run(tmp_path: Path) -> None:
+    """The two-worker scale run in small: redis-server, `tether serve --workers 2`, 40 clients."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--workers-scale-only", "--workers-scale-clients", "40",
+         "--workers-scale-window", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=90,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| worker | clients held |" in proc.stdout
+    assert "broadcast → last delivery median < 250 ms" in proc.stdout
+    report = json.loads(out.read_text())
+    assert "results" not in report and "scale" not in report  # this run only
+    s = report["workers_scale"]
+    workers = s["workers"]
+    assert len(workers) == 2 and len({w["pid"] for w in workers}) == 2
+    # Both workers hold clients (the kernel spreads them), and together every one.
+    assert all(w["clients"] > 0 for w in workers), workers
+    assert s["clients"] == sum(w["clients"] for w in workers) == 40
+    assert [w["clients_end"] for w in workers] == [w["clients"] for w in workers]
+    assert not any(w["restarted"] for w in workers)
+    assert {w["event_loop"] for w in workers} <= {"asyncio", "uvloop"}  # read while they ran
+    assert all(w["rss_mb"] > 10 and math.isfinite(w["heartbeat_cpu_pct"]) for w in workers)
+    assert s["rss_total_mb"] == pytest.approx(s["workers_rss_mb"] + s["supervisor_rss_mb"])
+    assert s["delivered"] == [40] * 5  # every broadcast reached every client over both workers
+    assert all(0 < ms < 5_000 for ms in s["broadcast_latency_ms"])
+    # Every process the run started is gone: workers, supervisor, redis-server, load generators.
+    pids = [*(w["pid"] for w in workers), s["supervisor_pid"], s["redis_pid"], *s["loadgen_pids"]]
+    assert len(pids) == 6
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]

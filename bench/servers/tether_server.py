@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import fields
 
@@ -34,7 +35,8 @@ async def main() -> None:
     )
     t = Tether(settings)
     await t.start()
-    emit("ready", port=t.port, server="tether")
+    loop = type(asyncio.get_running_loop())
+    emit("ready", port=t.port, server="tether", loop=f"{loop.__module__}.{loop.__name__}")
 
     async def broadcast(i: int) -> None:
         await t.publish({"type": "tick", "payload": {"i": i, "pad": PAD}})
