@@ -1,18 +1,37 @@
-"""Fixtures: an in-process tether on a free 127.0.0.1 port, with settings per test, and Redis."""
+"""Fixtures: an in-process tether on a free 127.0.0.1 port, with settings per test, and Redis.
+
+Every test runs on the event loop EVENT_LOOP names (tests/aio.py: LOOP): async
+tests through pytest-asyncio's loop factory hook, and every `tether serve` a
+test starts through the environment it inherits.
+"""
 
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import orjson
 import pytest
 
+from tests.aio import LOOP
 from tests.redis_server import RedisServer, running_redis
-from tether import logs
+from tether import logs, loops
 from tether.app import Tether
 from tether.config import Settings
+
+os.environ["EVENT_LOOP"] = LOOP  # `auto` resolved: child servers run on the same loop
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config,
+                                  item: pytest.Item) -> dict[str, loops.LoopFactory]:
+    """The one loop async tests run on (one factory: test ids stay as they are)."""
+    return {LOOP: loops.factory(LOOP)}
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"event loop: {LOOP} (EVENT_LOOP)"
 
 
 class LogCapture(io.StringIO):
