@@ -2,11 +2,13 @@
 
 Every test runs on the event loop EVENT_LOOP names (tests/aio.py: LOOP): async
 tests through pytest-asyncio's loop factory hook, and every `tether serve` a
-test starts through the environment it inherits.
+test starts through the environment it inherits. `make test` runs the suite on
+both loops at once; their `slow` tests take turns (`one_slow_test_at_a_time`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -17,6 +19,7 @@ import pytest
 
 from tests.aio import LOOP
 from tests.redis_server import RedisServer, running_redis
+from tests.support import OUTPUT
 from tether import logs, loops
 from tether.app import Tether
 from tether.config import Settings
@@ -32,6 +35,24 @@ def pytest_asyncio_loop_factories(config: pytest.Config,
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"event loop: {LOOP} (EVENT_LOOP)"
+
+
+@pytest.fixture(autouse=True)
+def one_slow_test_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A `slow` test waits until no other pytest of this checkout runs one.
+
+    The slow tests load the machine (floods, chaos, Autobahn, the benchmark) and
+    measure time; `make test` runs the suite on both loops at once, and two of them
+    side by side on two cores would measure each other. A lock on a file, so it
+    holds across processes and is let go if one dies.
+    """
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    OUTPUT.mkdir(exist_ok=True)
+    with open(OUTPUT / ".slow-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 class LogCapture(io.StringIO):
