@@ -9,7 +9,7 @@ RUN_STAMP := $(VENV)/.installed-run-$(HASH)
 DEV_STAMP := $(VENV)/.installed-dev-$(HASH)
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck system-deps bench clean
+.PHONY: run test test-uvloop test-asyncio lint typecheck system-deps bench clean
 
 # bin/pip, not bin/python: a venv that failed half-way (Debian's python3 without
 # python3-venv) has a python but no pip, and is removed so the next run retries.
@@ -42,8 +42,18 @@ typecheck: $(DEV_STAMP)
 	$(BIN)/mypy --strict src
 
 # system-deps first: on a fresh Debian machine it brings python3-venv for the venv.
+# The whole suite on each event loop (EVENT_LOOP), both at once: the suite mostly waits
+# (a third of one core), so two take about as long as one. Each pass's output is printed
+# when it ends; `make test` fails if either fails. Their `slow` tests take turns
+# (tests/conftest.py). Coverage is measured on uvloop, the default loop.
 test: system-deps lint typecheck
-	$(BIN)/python -m pytest --cov=tether --cov-report=term --cov-report=xml:test-output/coverage.xml $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-uvloop test-asyncio
+
+test-uvloop: $(DEV_STAMP)
+	EVENT_LOOP=uvloop $(BIN)/python -m pytest --cov=tether --cov-report=term --cov-report=xml:test-output/coverage.xml $(PYTEST_ARGS)
+
+test-asyncio: $(DEV_STAMP)
+	EVENT_LOOP=asyncio $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: system-deps $(DEV_STAMP)
 	$(BIN)/python -m bench

@@ -1,4 +1,4 @@
-"""Async test helpers, one per job: wait for a condition, and POST /event.
+"""Async test helpers, one per job: the loop tests run on, wait for a condition, POST /event.
 
 Their blocking twins live in `tests/support.py` (`wait_until`, `post_event`) and
 answer the same way, for tests that run without an event loop. A forgotten
@@ -10,15 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+import os
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
 
 from tests.support import Reply
+from tether import loops
 
 Predicate = Callable[[], bool | Awaitable[bool]]
+T = TypeVar("T")
+
+# The loop every test runs on, `uvloop` or `asyncio`, chosen as `tether serve` chooses it:
+# EVENT_LOOP (auto: uvloop where it imports). `make test` runs the suite once on each.
+# conftest.py gives it to pytest-asyncio and exports it to every server a test starts.
+LOOP = loops.resolve(loops.parse(os.environ.get("EVENT_LOOP", "auto")))
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)` on the loop of this test run (LOOP), for a test that is not async."""
+    return loops.run(main, LOOP)
 
 
 async def eventually(predicate: Predicate, timeout: float = 5.0, *,

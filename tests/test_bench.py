@@ -20,6 +20,7 @@ from tests.support import ROOT, ServerProcess
 pytest.importorskip("picows", reason="the bench extra is not installed: pip install -e '.[bench]'")
 
 
+@pytest.mark.slow  # its load generator and server take both cores for ~13 s
 def test_quick_suite_measures_tether(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(

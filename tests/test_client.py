@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import signal
 import socket
 import ssl
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.aio import eventually
+from tests.aio import LOOP, eventually
 from tests.conftest import StartTether
 from tests.support import ServerProcess, free_port
 from tether.client import (
@@ -509,6 +511,14 @@ async def test_the_ssl_context_given_is_the_one_that_connects_and_publishes(
         async with asyncio.timeout(5):
             with pytest.raises(aiohttp.ClientSSLError, match="NO_PROTOCOLS_AVAILABLE"):
                 await client.publish({"type": "x"}, attempts=1)
+        await client.close()
+    if LOOP == "uvloop":
+        # uvloop 0.23's defect, not tether's: a TLS handshake that fails before a byte is
+        # sent leaves the socket aiohttp handed to `create_connection(sock=)` unclosed
+        # (libuv closed its fd). Collected here, its warning is not another test's error.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"unclosed <socket\.socket", ResourceWarning)
+            gc.collect()
 
 
 class JumpingClock(SystemClock):

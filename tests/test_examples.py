@@ -32,6 +32,7 @@ import jwt
 import pytest
 from aiohttp import web
 
+from tests.aio import run
 from tests.support import OUTPUT, ROOT, ServerProcess, free_port, post_event, wait_until
 from tether.auth import issue_token
 from tether.client import Client
@@ -520,7 +521,7 @@ def test_readme_tokens_block(clone: Path) -> None:
                                                  headers={"Authorization": f"Bearer {admin}"})
             assert [c["sub"] for c in json.loads(get(connections))["connections"]] == ["alice"]
             # PUBLIC_TOPICS=news: read without a token, and nothing else.
-            assert asyncio.run(refused_without_token(tether, ["news", "orders"])) == ["orders"]
+            assert run(refused_without_token(tether, ["news", "orders"])) == ["orders"]
         finally:
             assert watch.stop() == 0
         assert watched(watch) == [{"type": "order", "topic": "orders", "seq": 1}]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.aio import run
 from tests.support import RecordingPeer
 from tether.backplane.memory import MemoryBackplane
 from tether.config import Settings
@@ -78,7 +79,7 @@ async def _fan_out() -> None:
 
 
 def test_fan_out_takes_the_common_case_inline_and_every_rule_elsewhere() -> None:
-    asyncio.run(_fan_out())
+    run(_fan_out())
 
 
 async def _recovery_race() -> list[int]:
@@ -103,4 +104,4 @@ async def _recovery_race() -> list[int]:
 
 def test_a_publish_between_the_drain_and_the_recovery_waits_behind_the_held_back() -> None:
     # Found by the chaos test: 127, 130, then 125..130 again (a hole, then repeats).
-    assert asyncio.run(_recovery_race()) == [1, 2, 3]
+    assert run(_recovery_race()) == [1, 2, 3]

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
+from tests.aio import run
 from tether import logs
 from tether.clock import ManualClock
 from tether.logs import RepeatLimiter, Suppressed
@@ -172,7 +173,7 @@ def test_the_event_loop_exception_handler_goes_through_the_json_log() -> None:
                                          "exception": RuntimeError("lost"),
                                          "future": object()})
 
-    asyncio.run(main())
+    run(main())
     got = lines(stream)
     assert len(got) == 5, got  # the future's repr differs each time: the key is the first line
     assert got[0]["data"]["error"] == "RuntimeError: lost"

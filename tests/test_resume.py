@@ -13,7 +13,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.aio import eventually
+from tests.aio import eventually, run
 from tests.conftest import LogCapture, StartTether
 from tests.support import RecordingPeer
 from tests.wsraw import RawWS
@@ -217,7 +217,7 @@ ops = st.lists(
 def test_any_interleaving_delivers_at_most_once_and_in_order(
     ops: list[tuple[str, Any]], history: int
 ) -> None:
-    asyncio.run(_interleaving(ops, history))
+    run(_interleaving(ops, history))
 
 
 async def _interleaving(ops: list[tuple[str, Any]], history: int) -> None:

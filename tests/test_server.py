@@ -233,7 +233,7 @@ async def test_shutdown_refuses_upgrades_with_503_and_closes_clients_1001(
 SEED_SCRIPT = textwrap.dedent(
     """
     import asyncio, os, sys
-    from tether import config, logs
+    from tether import config, loops, logs
     from tether.app import Tether
     from tether.logs import get_logger
 
@@ -247,7 +247,7 @@ SEED_SCRIPT = textwrap.dedent(
         t.on_shutdown("late", lambda: poller.info("Late handler"), 10)
         return await t.run()
 
-    sys.exit(asyncio.run(main()))
+    sys.exit(loops.run(main(), settings.event_loop))  # EVENT_LOOP, as `tether serve`
     """
 )
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tether import codes
+from tether import codes, loops
 from tether.backplane.base import Backplane, Published
 from tether.backplane.memory import MemoryBackplane
 from tether.clock import Clock
@@ -152,6 +152,7 @@ class Tether:
             health=f"{url}/health",
             ws=url.replace("http", "ws", 1) + "/ws",
             backplane=self.backplane.name,
+            loop=loops.name_of(asyncio.get_running_loop()),
         )
 
     async def run(self) -> int:
@@ -271,4 +272,5 @@ async def serve(settings: Settings) -> int:
 
 
 def run(settings: Settings) -> int:
-    return asyncio.run(serve(settings))
+    """`tether serve` in one process (or one worker), on the loop EVENT_LOOP chooses."""
+    return loops.run(serve(settings), settings.event_loop)

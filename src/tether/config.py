@@ -62,6 +62,7 @@ class Settings:
     admin_token: str | None = None  # bearer token of /api/connections, /metrics, full /health
     tls_cert: str | None = None  # PEM path: serve https:// and wss:// (with tls_key)
     tls_key: str | None = None
+    event_loop: str = "auto"  # auto, uvloop or asyncio: the loop `tether serve` runs on (loops.py)
 
     @property
     def heartbeat_enabled(self) -> bool:
@@ -279,6 +280,8 @@ OPTIONS: tuple[Option, ...] = (
            "PEM certificate (chain) file: serve https:// and wss:// (needs TLS_KEY)"),
     Option("TLS_KEY", "tls_key", values.tls_key, "--tls-key",
            "PEM private key file of TLS_CERT, without a passphrase"),
+    Option("EVENT_LOOP", "event_loop", values.event_loop, "--event-loop",
+           "auto (uvloop where it imports, else asyncio's own loop), uvloop or asyncio"),
 )
 
 

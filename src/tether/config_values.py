@@ -116,3 +116,10 @@ def tls_key(raw: str) -> str | None:
     from tether.tls import check_key
 
     return check_key(raw)
+
+
+def event_loop(raw: str) -> str:
+    # tether.loops imports asyncio (and tries uvloop): only when EVENT_LOOP is set.
+    from tether.loops import parse
+
+    return parse(raw)

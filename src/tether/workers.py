@@ -27,6 +27,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 
+from tether import loops
 from tether.config import Settings
 from tether.errors import ListenError
 from tether.lifecycle import SHUTDOWN_TIMEOUT
@@ -83,7 +84,9 @@ def watch_parent(stop: Callable[[str], None]) -> asyncio.Task[None] | None:
 
 def run(settings: Settings, overrides: Mapping[str, str | None]) -> int:
     """Run the workers until a signal; the exit status (non-zero if one failed to start)."""
-    return asyncio.run(Supervisor(settings, overrides).run())
+    # The parent holds no connection, so it stays on asyncio's own loop (uvloop's
+    # subprocess_exec has no `process_group`); each worker runs on EVENT_LOOP's.
+    return loops.run(Supervisor(settings, overrides).run(), "asyncio")
 
 
 def reserve_port(host: str, port: int = 0) -> socket.socket:
