@@ -132,3 +132,45 @@ async def test_no_descriptor_is_left_behind(start_tether: StartTether) -> None:
             c.writer.close()
     assert await eventually(lambda: open_fds(os.getpid()) <= before), \
         f"{open_fds(os.getpid()) - before} descriptors leaked"
+
+
+async def test_a_resume_in_the_upgrade_comes_before_any_live_message(
+        start_tether: StartTether) -> None:
+    """`?since=` is answered first: no live message slips out ahead of the replay or resync.
+
+    The resume runs in the client's task, which starts a loop pass after the socket
+    became tether's; publishes never stop meanwhile (found by the chaos test).
+    """
+    t = await start_tether(history_size=10_000)
+    stop = asyncio.Event()
+
+    async def publishing() -> None:
+        i = 0
+        while not stop.is_set() and i < 8_000:  # bounded: seq 2 stays in the history
+            i += 1
+            await t.publish({"type": "tick", "topic": "t", "payload": i})
+            await asyncio.sleep(0)
+
+    publisher = asyncio.create_task(publishing())
+    try:
+        await eventually(lambda: (t.hub.backplane.position("t") or 0) > 5)
+        for i in range(60):
+            stale = i % 2 == 0  # a position from another life of the history: resync first
+            query = "?topics=t&since=t:1" + ("&epoch=elsewhere" if stale else "")
+            c = await Raw.connect(t.port, query)
+            assert (await c.json())["type"] == "connected"
+            first = await c.json()
+            if stale:
+                assert first["type"] == "resync", first
+                last = int(str(first["seq"]))
+            else:
+                assert first.get("seq") == 2, first  # the replay, from the seq after since
+                last = 2
+            for _ in range(5):
+                msg = await c.json()
+                assert msg["type"] == "tick" and msg["seq"] == last + 1, (last, msg)
+                last += 1
+            c.close()
+    finally:
+        stop.set()
+        await publisher

@@ -27,6 +27,14 @@ if TYPE_CHECKING:
     from tether.registry import Connection
 
 
+def hold(conn: Connection) -> bool:
+    """Live messages for `conn` wait in `conn.pending` from now (True: this call began it)."""
+    if conn.pending is not None:
+        return False
+    conn.pending = []
+    return True
+
+
 class Fanout:
     """Delivery of published messages to this process's clients."""
 
@@ -226,8 +234,7 @@ class Fanout:
     ) -> None:
         """Replay what the client missed on each topic, then let live messages through.
 
-        Live messages of this connection wait in `conn.pending` while history is
-        read (the Redis backplane reads over the network), then go out with
+        Live messages wait (`hold`) while history is read, then go out with
         duplicates dropped by seq: in order, exactly once. Raises ValueError when
         the topics would pass WS_MAX_TOPICS (nothing is added then). A topic the
         connection's grant does not allow gets an `error` and nothing else: no
@@ -254,9 +261,7 @@ class Fanout:
         epoch = hub.backplane.epoch
         stale = conn.claimed_epoch not in (None, epoch) and bool(epoch)
         conn.claimed_epoch = None
-        outer = conn.pending is not None
-        if not outer:
-            conn.pending = []
+        held = hold(conn)
         try:
             for topic in granted:
                 seq = since[topic]
@@ -271,7 +276,11 @@ class Fanout:
                 if replay.resync:
                     self._tell_resync(conn, topic, replay.last)
         finally:
-            if not outer:
-                pending, conn.pending = conn.pending, None
-                for message in pending or ():
-                    self.deliver_to(conn, message)
+            if held:
+                self.release(conn)
+
+    def release(self, conn: Connection) -> None:
+        """Send what `hold` kept back, in order, duplicates dropped by seq."""
+        pending, conn.pending = conn.pending, None
+        for message in pending or ():
+            self.deliver_to(conn, message)

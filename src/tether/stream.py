@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from tether import codes, frames
+from tether.fanout import hold
 from tether.heartbeat import decode_ping_id
 from tether.logs import get_logger
 from tether.wire import BINARY, CLOSE, PING, PONG, TEXT, Event, FrameReader
@@ -172,7 +173,10 @@ class ClientStream(asyncio.Protocol):
         assert opener is not None
         self._conn = opener(SocketPeer(transport))
         if self._since:
-            self._start()  # the resume comes before any message the client sends
+            # The resume comes before any message the client sends, and live
+            # messages wait for it: its task starts on the next loop pass.
+            hold(self._conn)
+            self._start()
 
     # ------------------------------------------------------------------ reading
 
@@ -264,7 +268,10 @@ class ClientStream(asyncio.Protocol):
         try:
             if self._since:
                 since, self._since = self._since, ""
-                await hub.resume_query(conn, since)
+                try:
+                    await hub.resume_query(conn, since)
+                finally:
+                    hub.fanout.release(conn)
             inbox = self._inbox
             while inbox and not self._ended:
                 if conn.outbox.queue is not None:
