@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from tests.aio import eventually
-from tests.conftest import StartTether
+from tests.conftest import LogCapture, StartTether
 from tests.support import open_fds
 from tests.wsraw import encode, read_frame_async
 from tether.app import Tether
@@ -174,3 +174,30 @@ async def test_a_resume_in_the_upgrade_comes_before_any_live_message(
     finally:
         stop.set()
         await publisher
+
+
+async def test_a_failure_in_handling_a_message_closes_that_client_with_1011(
+        start_tether: StartTether, log_capture: LogCapture) -> None:
+    """A bug in tether's own handling (injected here) costs the one client, logged once."""
+    t = await start_tether()
+
+    async def broken(conn: object, data: str) -> None:
+        raise RuntimeError("injected")
+
+    victim, bystander = await Raw.connect(t.port), await Raw.connect(t.port)
+    for c in (victim, bystander):
+        assert (await c.json())["type"] == "connected"
+    text, t.hub.text = t.hub.text, broken  # type: ignore[method-assign]
+    victim.send({"type": "ping"})
+    frame = await asyncio.wait_for(read_frame_async(victim.reader.readexactly), 5)
+    assert frame.close_code == 1011, frame
+    assert await eventually(lambda: len(t.hub.registry) == 1)
+    t.hub.text = text  # type: ignore[method-assign]
+    bystander.send({"type": "subscribe", "topics": ["x"]})
+    assert (await bystander.json())["type"] == "subscribed"
+    failed = log_capture.find("WebSocket handler failed")
+    assert len(failed) == 1, failed
+    gone = log_capture.find("WebSocket client disconnected")
+    assert [r["data"]["code"] for r in gone] == [1011], gone
+    victim.close()
+    bystander.close()
