@@ -13,6 +13,7 @@ import asyncio
 import base64
 import gc
 import os
+import socket
 
 import orjson
 from aiohttp import web
@@ -22,6 +23,7 @@ from tests.conftest import LogCapture, StartTether
 from tests.support import open_fds
 from tests.wsraw import encode, read_frame_async
 from tether.app import Tether
+from tether.stream import ClientStream
 
 CLIENTS = 40
 
@@ -201,3 +203,19 @@ async def test_a_failure_in_handling_a_message_closes_that_client_with_1011(
     assert [r["data"]["code"] for r in gone] == [1011], gone
     victim.close()
     bystander.close()
+
+
+async def test_an_upgrade_that_races_the_shutdown_gets_1001(start_tether: StartTether) -> None:
+    """Between aiohttp's 101 and the socket becoming tether's, shutdown may begin: 1001."""
+    t = await start_tether()
+    t.hub.shutting_down = True  # as Tether.stop sets it, before closing every client
+    ours, theirs = socket.socketpair()
+    stream = ClientStream(t.hub, 1024, lambda peer: t.hub.open(peer, "test"))
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: stream, ours)
+    reader, writer = await asyncio.open_connection(sock=theirs)
+    frame = await asyncio.wait_for(read_frame_async(reader.readexactly), 5)
+    assert frame.close_code == 1001
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # and the socket closed
+    assert len(t.hub.registry) == 0
+    writer.close()
+    t.hub.shutting_down = False

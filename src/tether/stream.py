@@ -171,6 +171,12 @@ class ClientStream(asyncio.Protocol):
         transport.set_write_buffer_limits(high=hub.backpressure.high, low=hub.backpressure.low)
         opener, self._opener = self._opener, None
         assert opener is not None
+        if hub.shutting_down:  # the upgrade raced the shutdown: 1001, as every client gets
+            transport.write(frames.close(*codes.SHUTTING_DOWN))
+            transport.close()
+            if self._waiter is not None:
+                self._waiter.set_result(None)
+            return
         self._conn = opener(SocketPeer(transport))
         if self._since:
             # The resume comes before any message the client sends, and live
