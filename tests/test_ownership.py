@@ -13,6 +13,7 @@ import asyncio
 import base64
 import gc
 import os
+import signal
 import socket
 
 import orjson
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from tests.aio import eventually
 from tests.conftest import LogCapture, StartTether
+from tests.redis_server import RedisServer
 from tests.support import open_fds
 from tests.wsraw import encode, read_frame_async
 from tether.app import Tether
@@ -219,3 +221,24 @@ async def test_an_upgrade_that_races_the_shutdown_gets_1001(start_tether: StartT
     assert len(t.hub.registry) == 0
     writer.close()
     t.hub.shutting_down = False
+
+
+async def test_a_message_sent_during_the_resume_is_answered(
+        start_tether: StartTether, private_redis: RedisServer) -> None:
+    """A `?since=` resume over Redis waits for the network; what the client sends meanwhile
+    is handled once it is done, not left until the client sends something else."""
+    t = await start_tether(redis_url=private_redis.url)
+    await t.publish({"type": "tick", "topic": "own.r", "payload": 1})
+    subscribe = {"type": "subscribe", "topics": ["own.other"]}
+    for _ in range(3):
+        private_redis.proc.send_signal(signal.SIGSTOP)  # the resume's history read waits
+        try:
+            c = await Raw.connect(t.port, "?topics=own.r&since=own.r:0")
+            assert (await c.json())["type"] == "connected"
+            c.send(subscribe)  # arrives while the resume is under way
+            await asyncio.sleep(0.2)
+        finally:
+            private_redis.proc.send_signal(signal.SIGCONT)
+        seen = [(await c.json())["type"] for _ in range(2)]
+        assert sorted(seen) == ["subscribed", "tick"], seen
+        c.close()
