@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page
 
+from tests.redis_server import running_redis
 from tests.support import ROOT, ServerProcess, publish, wait_until
 
 pytestmark = pytest.mark.browser
@@ -127,6 +128,7 @@ def test_clients_table_lists_every_client_sorts_and_charts_them(
     assert page.locator("#clients-notice").is_hidden()
     # Its own row is marked; the others read what they asked for.
     assert page.get_attribute(f'#clients tr[data-session="{me}"]', "class") == "self"
+    assert style(page, '#clients-head th[data-key="worker"]', "display") == "none"  # one process
     topics = column(page, "topics")
     assert topics.count("alpha") == 12 and topics.count("beta, gamma") == 6
 
@@ -318,3 +320,26 @@ def test_all_topics_feed_follows_the_clients_topics_and_filters(
     publish(server.url, {"type": "note", "topic": "demo"})
     page.locator('#feed tr[data-topic="demo"][data-seq="2"]').wait_for(timeout=10_000)
     assert page.locator('#feed tr[data-topic="orders"][data-seq="4"]').count() == 0
+
+
+def test_with_workers_the_table_names_each_clients_worker(
+    page: Page, peers: list[Peers]
+) -> None:
+    """`--workers 2`: the table lists every worker's clients, each with its worker."""
+    with running_redis() as redis, ServerProcess(env={
+            "REDIS_URL": redis.url, "TETHER_WORKERS": "2", "LOG_LEVEL": "info",
+            "WS_HEARTBEAT_INTERVAL": "200"}) as server:
+        group = Peers(server, 16)
+        peers.append(group)
+        me = open_dashboard(page, server, "?poll=300&follow=0")
+        wait_rows(page, 17, timeout=8)
+        assert sorted(column(page, "session")) == sorted([*group.sessions, me])
+        assert page.text_content("#clients-count") == "17"
+        assert style(page, '#clients-head th[data-key="worker"]', "display") != "none"
+        workers = column(page, "worker")
+        # 17 connections spread by the kernel: both workers hold some (all on one: 2^-16).
+        assert sorted(set(workers)) == ["0", "1"], workers
+        assert sort_by(page, "worker") == "ascending"
+        assert column(page, "worker") == sorted(workers)
+        group.kill()
+        wait_rows(page, 1, timeout=8)
