@@ -10,9 +10,11 @@ topics" feed with its topic filter. Other clients are a separate process
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -331,7 +333,8 @@ def test_with_workers_the_table_names_each_clients_worker(
             "WS_HEARTBEAT_INTERVAL": "200"}) as server:
         group = Peers(server, 16)
         peers.append(group)
-        me = open_dashboard(page, server, "?poll=300&follow=0")
+        # poll 1 s: each reading may wait the 1 s a stopped worker is given (below).
+        me = open_dashboard(page, server, "?poll=1000&follow=0")
         wait_rows(page, 17, timeout=8)
         assert sorted(column(page, "session")) == sorted([*group.sessions, me])
         assert page.text_content("#clients-count") == "17"
@@ -343,3 +346,25 @@ def test_with_workers_the_table_names_each_clients_worker(
         assert column(page, "worker") == sorted(workers)
         group.kill()
         wait_rows(page, 1, timeout=8)
+        # The 16 drops (1006) are counted once, summed over the workers, and a worker
+        # that misses a few readings (stopped: /health says it is unresponsive) neither
+        # takes its share away nor brings it back as a burst.
+        recent = page.locator('#drops-legend [data-code="1006"] .recent')
+        recent.wait_for(timeout=10_000)
+        assert wait_until(lambda: recent.inner_text() == "16", timeout=5), recent.inner_text()
+        with urllib.request.urlopen(f"{server.url}/health", timeout=5) as r:
+            stopped = json.load(r)["workers"][0]["pid"]
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            # The page reads /health from the live worker: the stopped one is missing.
+            page.wait_for_function(
+                "document.getElementById('health-status').textContent.startsWith('degraded')",
+                timeout=15_000)
+            page.wait_for_timeout(2500)
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        page.wait_for_function(  # readings from both workers again
+            "document.getElementById('health-status').textContent.startsWith('ok')",
+            timeout=15_000)
+        page.wait_for_timeout(2500)
+        assert recent.inner_text() == "16"
