@@ -251,6 +251,8 @@ def _plain_offer(outbox: Outbox, frame: bytes, priority: Priority) -> Decision:
     if decision is Decision.SEND:
         outbox.queue = [*(outbox.queue or []), frame]
         outbox.queued += len(frame)
+        if outbox.queued > outbox.rule.high:  # more than the transport may hold: written now
+            outbox.flush()
     return decision
 
 
@@ -276,3 +278,21 @@ def test_outbox_offer_decides_as_the_plain_rule_for_every_state(
     assert fast.offer(frame, priority) is _plain_offer(plain, frame, priority)
     assert (fast.paused, fast.closed, fast.queued, fast.queue) == (
         plain.paused, plain.closed, plain.queued, plain.queue)
+    assert fast.peer.frames == plain.peer.frames  # type: ignore[attr-defined]  # HeldPeer
+
+
+def test_a_burst_waiting_for_the_writer_never_closes_a_client_that_keeps_up() -> None:
+    """Frames waiting for a delayed flush are written once more than `high` waits.
+
+    Else a burst on a loaded machine (the writer's delay grows with the last
+    flush's cost) would count as the client's and close a healthy one (1013).
+    """
+    rule = Backpressure(high=500, low=100, max_buffer=1500)
+    writer = Writer(ManualClock(), print)
+    writer.cost = 0.004  # the last flush was costly: the next one waits 4 ms
+    peer = RecordingPeer()  # takes every byte at once: nothing is held in its transport
+    box = Outbox(peer, rule, writer)
+    for _ in range(100):
+        assert box.offer(b"x" * 100, Priority.HIGH) is Decision.SEND
+        assert box.queued <= rule.high
+    assert sum(map(len, peer.frames)) + box.queued == 100 * 100

@@ -208,7 +208,10 @@ def _p99(values: list[float]) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pong", "ping", "text"])
 async def test_a_flood_is_closed_and_others_keep_their_latency(kind: str) -> None:
-    env = {"LOG_LEVEL": "info", "WS_HEARTBEAT_INTERVAL": "1000", "WS_CLOSE_TIMEOUT": "5000"}
+    # The frame rate out of the way: each flood is closed by its own rate, whatever
+    # the machine's load makes one read bring (the frame rate has a test of its own).
+    env = {"LOG_LEVEL": "info", "WS_HEARTBEAT_INTERVAL": "1000", "WS_CLOSE_TIMEOUT": "5000",
+           "WS_FRAME_RATE": "10000000"}
     with ServerProcess(env=env) as server:
         quiet = await _latencies(server.url, server.ws_url, 1.0)  # the same, with no flood
         flooders = await asyncio.create_subprocess_exec(
@@ -232,9 +235,8 @@ async def test_a_flood_is_closed_and_others_keep_their_latency(kind: str) -> Non
         assert set(closes) <= {"1008", "None"}, report
         assert closes["1008"] >= 3 and closes["1008"] >= 2 * closes.get("None", 0), report
         reasons = {r["data"]["reason"] for r in server.find("Closing abusive client")}
-        # Its own rate, or the frame rate when one read brought more than a second's worth.
         own = f"{kind} flood" if kind != "text" else "message flood"
-        assert own in reasons and reasons <= {own, "frame flood"}, reasons
+        assert reasons == {own}, reasons
         print(f"\n{kind} flood: {sum(closes.values())} flooding connections closed; others' "
               f"publish → delivery p99 {_p99(loud) * 1000:.1f} ms (quiet {_p99(quiet) * 1000:.1f})")
         assert _p99(loud) < 0.05, (f"p99 {_p99(loud) * 1000:.1f} ms under a {kind} flood "

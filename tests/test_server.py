@@ -179,15 +179,24 @@ async def test_client_past_max_buffer_is_closed_1013_others_keep_receiving(
     dead = await asyncio.to_thread(RawWS, "127.0.0.1", t.port, rcvbuf=4096)
     async with aiohttp.ClientSession() as s, s.ws_connect(f"ws://127.0.0.1:{t.port}/ws") as ok:
         await ok.receive_json()
+        got: list[str] = []
+        expected: list[int] = []  # how many in all, once the publishing is done
+
+        async def reading() -> None:  # `ok` reads all the time, as a healthy client does
+            while not expected or len(got) < expected[0]:
+                got.append((await ok.receive_json())["type"])
+
+        reader = asyncio.create_task(reading())
         n = 0
         while not log_capture.find("Closing slow client"):
             await t.publish({"type": "big", "priority": "high", "payload": "z" * 4000})
             n += 1
             await asyncio.sleep(0)
             assert n < 2000, "slow client never closed"
+        expected.append(n + 20)  # before the last 20 go out: the reader stops at the last
         for _ in range(20):
             await t.publish({"type": "more", "priority": "high"})
-        got = [(await ok.receive_json())["type"] for _ in range(n + 20)]
+        await asyncio.wait_for(reader, 5)
         assert got.count("big") == n and got.count("more") == 20
         assert await eventually(lambda: bool(log_capture.find("WebSocket client disconnected")),
                                 2, interval=0.02)

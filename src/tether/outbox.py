@@ -120,6 +120,11 @@ class Outbox:
         else:
             queue.append(frame)
         self.queued = queued
+        if queued > self.rule.high:
+            # More than the transport may hold is waiting for the writer's next pass
+            # (a burst, a loaded machine): written now, so that what counts against
+            # max_buffer is what the client has not taken, not the writer's delay.
+            self.writer.flush_one(self)
         return SEND
 
     def paused_now(self) -> bool:
