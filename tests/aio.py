@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import orjson
+from aiohttp import web
 
 from tests.support import Reply
 from tether import loops
@@ -72,3 +73,14 @@ async def post_event(base_url: str, event: bytes | Any, *,
             return await post_event(base_url, data, headers=sent, session=own)
     async with session.post(f"{base_url}/event", data=data, headers=sent) as r:
         return Reply(r.status, await r.json(), r.headers)
+
+
+async def serve_event_route(handle: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                            ) -> tuple[web.AppRunner, str]:
+    """A stand-in whose `POST /event` is `handle`, on a free 127.0.0.1 port: (runner, url)."""
+    app = web.Application()
+    app.router.add_post("/event", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"

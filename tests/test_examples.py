@@ -32,7 +32,7 @@ import jwt
 import pytest
 from aiohttp import web
 
-from tests.aio import run
+from tests.aio import run, serve_event_route
 from tests.support import OUTPUT, ROOT, ServerProcess, free_port, post_event, wait_until
 from tether.auth import issue_token
 from tether.client import Client
@@ -338,13 +338,7 @@ class LosingProxy:
         return web.json_response(answer, status=reply.status)
 
     async def __aenter__(self) -> LosingProxy:
-        app = web.Application()
-        app.router.add_post("/event", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        self.runner, self.url = await serve_event_route(self.handle)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -465,30 +459,24 @@ def test_backend_example_without_the_secret_says_what_it_needs() -> None:
 # ---------------------------------------------------------------------------- shell blocks
 
 
-def test_readme_try_it_block(server: ServerProcess, clone: Path) -> None:
-    curl, watch_line = shell_block("try-it")
+@pytest.mark.parametrize(("block", "reply", "event"), [
+    ("try-it", {"accepted": True, "topic": "demo", "seq": 1},
+     {"type": "hello", "topic": "demo", "payload": {"x": 1}, "seq": 1}),
+    ("cli", {"accepted": True, "topic": "orders", "seq": 1},
+     {"type": "order", "topic": "orders", "priority": "high", "seq": 1}),
+])
+def test_readme_watch_and_publish_block(server: ServerProcess, clone: Path, block: str,
+                                        reply: dict[str, object], event: dict[str, object]) -> None:
+    """The README's block as written: its `watch` line sees what its publish line sends."""
+    watch_line, publish_line = sorted(shell_block(block), key=lambda line: "watch" not in line)
     watch = shell(watch_line, server.port, clone)
     try:
         watch.wait_for(" connected session=")
-        reply = json.loads(shell_output(curl, server.port, clone))
-        assert reply == {"accepted": True, "topic": "demo", "seq": 1}
+        assert json.loads(shell_output(publish_line, server.port, clone)) == reply
         assert wait_until(lambda: watched(watch), 5), watch.out()
     finally:
         assert watch.stop() == 0
-    assert watched(watch) == [{"type": "hello", "topic": "demo", "payload": {"x": 1}, "seq": 1}]
-
-
-def test_readme_cli_block(server: ServerProcess, clone: Path) -> None:
-    watch_line, publish_line = shell_block("cli")
-    watch = shell(watch_line, server.port, clone)
-    try:
-        watch.wait_for(" connected session=")
-        reply = json.loads(shell_output(publish_line, server.port, clone))
-        assert reply == {"accepted": True, "topic": "orders", "seq": 1}
-        assert wait_until(lambda: watched(watch), 5), watch.out()
-    finally:
-        assert watch.stop() == 0
-    assert watched(watch) == [{"type": "order", "topic": "orders", "priority": "high", "seq": 1}]
+    assert watched(watch) == [event]
 
 
 def test_readme_tokens_block(clone: Path) -> None:

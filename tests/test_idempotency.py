@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.aio import eventually, post_event
+from tests.aio import eventually, post_event, serve_event_route
 from tests.conftest import LogCapture, StartTether
 from tests.hostile import open_tcp
 from tests.redis_server import running_redis
@@ -378,14 +378,7 @@ class FlakyEvent:
         return web.json_response({"error": "bad", "status": status}, status=status)
 
     async def __aenter__(self) -> FlakyEvent:
-        app = web.Application()
-        app.router.add_post("/event", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = self.runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.runner, self.url = await serve_event_route(self.handle)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -10,7 +10,6 @@ check that the hand-over loses no byte the client sends.
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
 import os
 import signal
@@ -21,6 +20,7 @@ from aiohttp import web
 
 from tests.aio import eventually
 from tests.conftest import LogCapture, StartTether
+from tests.hostile import Raw
 from tests.redis_server import RedisServer
 from tests.support import open_fds
 from tests.wsraw import encode, read_frame_async
@@ -28,40 +28,6 @@ from tether.app import Tether
 from tether.stream import ClientStream
 
 CLIENTS = 40
-
-
-class Raw:
-    """A raw WebSocket client on asyncio streams (no aiohttp objects, no tasks)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def connect(cls, port: int, query: str = "", first: bytes = b"") -> Raw:
-        """Upgrade, then (at once, on reading the `101`) send `first`."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            f"GET /ws{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode())
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        if first:
-            writer.write(first)
-        return cls(reader, writer)
-
-    async def json(self) -> dict[str, object]:
-        while True:
-            frame = await asyncio.wait_for(read_frame_async(self.reader.readexactly), 5)
-            if frame.opcode == 0x1:
-                return dict(orjson.loads(frame.payload))
-
-    def send(self, obj: object) -> None:
-        self.writer.write(encode(0x1, orjson.dumps(obj)))
-
-    def close(self) -> None:
-        self.writer.transport.abort()
 
 
 def _aiohttp_objects() -> int:
@@ -80,9 +46,9 @@ async def test_an_idle_client_keeps_no_aiohttp_object_and_no_task(
     t = await start_tether()
     await _settled(t, 0)
     objects, tasks = _aiohttp_objects(), len(asyncio.all_tasks())
-    clients = [await Raw.connect(t.port, "?topics=news") for _ in range(CLIENTS)]
+    clients = [await Raw.connect(t.port, "/ws?topics=news") for _ in range(CLIENTS)]
     for c in clients:
-        assert (await c.json())["type"] == "connected"
+        assert (await c.recv_json())["type"] == "connected"
     await _settled(t, CLIENTS)
     assert _aiohttp_objects() <= objects, "aiohttp's request or WebSocketResponse is kept"
     assert len(asyncio.all_tasks()) <= tasks, "an idle client holds a task"
@@ -91,11 +57,11 @@ async def test_an_idle_client_keeps_no_aiohttp_object_and_no_task(
     # answered by a task that ends once it is handled.
     await t.publish({"type": "tick", "topic": "news", "payload": 1})
     for c in clients:
-        assert (await c.json())["type"] == "tick"
+        assert (await c.recv_json())["type"] == "tick"
     for i, c in enumerate(clients):
-        c.send({"type": "subscribe", "topics": [f"t{i}"]})
+        c.send_json({"type": "subscribe", "topics": [f"t{i}"]})
     for c in clients:
-        reply = await c.json()
+        reply = await c.recv_json()
         assert reply["type"] == "subscribed", reply
     await _settled(t, CLIENTS)
     assert len(asyncio.all_tasks()) <= tasks, "a task outlived the message it handled"
@@ -109,8 +75,9 @@ async def test_a_frame_sent_the_moment_the_101_arrives_is_read(start_tether: Sta
     t = await start_tether()
     first = encode(0x1, orjson.dumps({"type": "subscribe", "topics": ["early"]}))
     for _ in range(100):
-        c = await Raw.connect(t.port, first=first)
-        types = [(await c.json())["type"], (await c.json())["type"]]
+        c = await Raw.connect(t.port)
+        c.writer.write(first)  # at once, on reading the 101
+        types = [(await c.recv_json())["type"], (await c.recv_json())["type"]]
         assert types == ["connected", "subscribed"], types
         c.close()
     await _settled(t, 0)
@@ -125,7 +92,7 @@ async def test_no_descriptor_is_left_behind(start_tether: StartTether) -> None:
         clients = [await Raw.connect(t.port) for _ in range(CLIENTS)]
         for i, c in enumerate(clients):
             if (i + round_) % 3 == 0:
-                c.close()  # reset, maybe before the greeting was read
+                c.writer.transport.abort()  # reset, maybe before the greeting was read
             elif (i + round_) % 3 == 1:
                 c.writer.write(encode(0x8, b"\x03\xe8"))  # a close handshake
             else:
@@ -161,17 +128,17 @@ async def test_a_resume_in_the_upgrade_comes_before_any_live_message(
         for i in range(60):
             stale = i % 2 == 0  # a position from another life of the history: resync first
             query = "?topics=t&since=t:1" + ("&epoch=elsewhere" if stale else "")
-            c = await Raw.connect(t.port, query)
-            assert (await c.json())["type"] == "connected"
-            first = await c.json()
+            c = await Raw.connect(t.port, "/ws" + query)
+            assert (await c.recv_json())["type"] == "connected"
+            first = await c.recv_json()
             if stale:
                 assert first["type"] == "resync", first
-                last = int(str(first["seq"]))
+                last = int(first["seq"])
             else:
                 assert first.get("seq") == 2, first  # the replay, from the seq after since
                 last = 2
             for _ in range(5):
-                msg = await c.json()
+                msg = await c.recv_json()
                 assert msg["type"] == "tick" and msg["seq"] == last + 1, (last, msg)
                 last += 1
             c.close()
@@ -190,15 +157,15 @@ async def test_a_failure_in_handling_a_message_closes_that_client_with_1011(
 
     victim, bystander = await Raw.connect(t.port), await Raw.connect(t.port)
     for c in (victim, bystander):
-        assert (await c.json())["type"] == "connected"
+        assert (await c.recv_json())["type"] == "connected"
     text, t.hub.text = t.hub.text, broken  # type: ignore[method-assign]
-    victim.send({"type": "ping"})
-    frame = await asyncio.wait_for(read_frame_async(victim.reader.readexactly), 5)
-    assert frame.close_code == 1011, frame
+    victim.send_json({"type": "ping"})
+    code, _ = await victim.close_code()
+    assert code == 1011
     assert await eventually(lambda: len(t.hub.registry) == 1)
     t.hub.text = text  # type: ignore[method-assign]
-    bystander.send({"type": "subscribe", "topics": ["x"]})
-    assert (await bystander.json())["type"] == "subscribed"
+    bystander.send_json({"type": "subscribe", "topics": ["x"]})
+    assert (await bystander.recv_json())["type"] == "subscribed"
     failed = log_capture.find("WebSocket handler failed")
     assert len(failed) == 1, failed
     gone = log_capture.find("WebSocket client disconnected")
@@ -233,12 +200,12 @@ async def test_a_message_sent_during_the_resume_is_answered(
     for _ in range(3):
         private_redis.proc.send_signal(signal.SIGSTOP)  # the resume's history read waits
         try:
-            c = await Raw.connect(t.port, "?topics=own.r&since=own.r:0")
-            assert (await c.json())["type"] == "connected"
-            c.send(subscribe)  # arrives while the resume is under way
+            c = await Raw.connect(t.port, "/ws?topics=own.r&since=own.r:0")
+            assert (await c.recv_json())["type"] == "connected"
+            c.send_json(subscribe)  # arrives while the resume is under way
             await asyncio.sleep(0.2)
         finally:
             private_redis.proc.send_signal(signal.SIGCONT)
-        seen = [(await c.json())["type"] for _ in range(2)]
+        seen = [(await c.recv_json())["type"] for _ in range(2)]
         assert sorted(seen) == ["subscribed", "tick"], seen
         c.close()

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from tests.support import ServerProcess
+
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
     "--no-sandbox",
@@ -39,3 +41,14 @@ def page(browser: Browser) -> Iterator[Page]:
     finally:
         context.close()
     assert not errors, f"uncaught errors in the page: {errors}"
+
+
+@pytest.fixture
+def server() -> Iterator[ServerProcess]:
+    """A tether process with a 200 ms heartbeat, for a page to connect to."""
+    server = ServerProcess(env={"WS_HEARTBEAT_INTERVAL": "200"})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -11,7 +11,6 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -53,16 +52,6 @@ def feed_seqs(page: Page, topic: str) -> list[int]:
         f'#feed tr.event[data-topic="{topic}"]', "rows => rows.map(r => r.dataset.seq)"
     )
     return sorted(int(s) for s in seqs)
-
-
-@pytest.fixture
-def server() -> Iterator[ServerProcess]:
-    server = ServerProcess(env={"WS_HEARTBEAT_INTERVAL": "200"})
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_dashboard_connects_shows_events_rtt_and_counters(

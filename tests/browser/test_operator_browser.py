@@ -29,16 +29,6 @@ pytestmark = pytest.mark.browser
 ADMIN = "operator-secret"
 
 
-@pytest.fixture
-def server() -> Iterator[ServerProcess]:
-    server = ServerProcess(env={"WS_HEARTBEAT_INTERVAL": "200"})
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 class Peers:
     """`python -m tests.peers URL N`: N clients that read and answer pings, in their own process."""
 
